@@ -1,0 +1,49 @@
+"""User-facing errors.
+
+Every failure a user can cause or fix (a bad path, a missing file, an unsupported model)
+raises a VlmError. The CLI prints its message on one line and exits with its code; any
+other exception is a bug and shows a traceback only under --debug.
+"""
+
+from __future__ import annotations
+
+# Exit codes of the CLI contract.
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class VlmError(Exception):
+    """An error whose message is meant for the user, with the exit code to use."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+class UsageError(VlmError):
+    """The command line asked for something that cannot be done as asked."""
+
+    exit_code = EXIT_USAGE
+
+
+class CheckpointError(VlmError):
+    """A model folder is missing files, holds something we refuse to read, or is corrupt."""
+
+
+class ImageError(VlmError):
+    """An input image cannot be read."""
+
+
+class UnsupportedModelError(VlmError):
+    """The checkpoint's model_type (or a part of it) is not one we implement."""
+
+
+class ContextLengthError(VlmError):
+    """The prompt (with its image tokens) does not fit the model's context."""
