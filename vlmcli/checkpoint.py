@@ -1,0 +1,202 @@
+"""Checkpoints on disk: find them (local folder, hub id, the bundled demo), check them, and
+stream their tensors.
+
+A checkpoint is data, never code: safetensors only (pickle `.bin`/`.pt` files are refused),
+`auto_map` entries are ignored, and shard names in an index must stay inside the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from vlmcli.errors import CheckpointError, UsageError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+# What the hub download fetches: configs, weights, tokenizer and template files. Never
+# pickles or Python files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def demo_path() -> Path:
+    """The small model bundled with the package (`-m demo`)."""
+    return Path(__file__).parent / "demo_model"
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """'org/name@rev' -> ('org/name', 'rev'); a plain id -> (id, None)."""
+    if "@" in ref:
+        repo, rev = ref.rsplit("@", 1)
+        return repo, rev or None
+    return ref, None
+
+
+def resolve(ref: str, *, progress: bool = True) -> Path:
+    """A model folder for `ref`: 'demo', a local folder, or a hub repo id (`id@revision`)."""
+    if ref == "demo":
+        path = demo_path()
+        if not (path / "config.json").exists():
+            raise CheckpointError("the bundled demo model is not part of this installation")
+        return path
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local
+    repo, revision = parse_model_ref(ref)
+    if local.exists() or not _REPO_ID.match(repo) or ref.startswith((".", "/", "~")):
+        raise UsageError(f"model '{ref}' is neither a folder nor a hub repo id like 'org/name'")
+    return _download(repo, revision, progress=progress)
+
+
+def _download(repo: str, revision: str | None, *, progress: bool) -> Path:
+    import huggingface_hub
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from huggingface_hub import constants
+
+    cache = constants.HF_HUB_CACHE
+    try:
+        path = huggingface_hub.snapshot_download(
+            repo, revision=revision, allow_patterns=HUB_PATTERNS, tqdm_class=None if progress else _Silent
+        )
+    except GatedRepoError:
+        raise CheckpointError(
+            f"'{repo}' is gated on the hub: accept its licence there and log in (`hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"no model '{repo}' on the hub (or it is private)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"'{repo}' has no revision '{revision}'") from None
+    except LocalEntryNotFoundError:
+        offline = constants.HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if offline else "the hub cannot be reached"
+        raise CheckpointError(
+            f"model '{repo}' is not in the cache ({cache}) and {why}",
+            hint="use -m demo for the bundled model or -m PATH for a local folder",
+        ) from None
+    except OSError as e:  # network failures surface as requests/httpx errors deriving OSError
+        raise CheckpointError(f"could not download '{repo}': {e}") from None
+    return Path(path)
+
+
+try:  # tqdm is a dependency of huggingface_hub; a silent subclass hides its bars under -q
+    from tqdm.auto import tqdm as _tqdm
+
+    class _Silent(_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+except ImportError:  # pragma: no cover
+    _Silent = None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.name} is missing from {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object")
+    return data
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder} has no config.json: not a Hugging Face model folder")
+    return read_json(folder / "config.json")
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The safetensors files of a checkpoint, and which tensor lives in which."""
+
+    files: tuple[Path, ...]
+
+
+def weight_files(folder: Path) -> WeightFiles:
+    index = folder / INDEX_NAME
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index} has no weight_map")
+        names: list[str] = []
+        for shard in weight_map.values():
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{index}: shard names must be strings")
+            if shard not in names:
+                names.append(shard)
+        files = []
+        root = folder.resolve()
+        for name in names:
+            path = (folder / name).resolve()
+            if Path(name).is_absolute() or root not in path.parents:
+                raise CheckpointError(f"{index} names a shard outside the model folder: '{name}'")
+            if not path.exists():
+                raise CheckpointError(
+                    f"shard '{name}' listed in {INDEX_NAME} is missing", hint="re-download the model"
+                )
+            files.append(path)
+        return WeightFiles(tuple(files))
+    single = folder / SINGLE_NAME
+    if single.exists():
+        return WeightFiles((single,))
+    stray = sorted(folder.glob("*.safetensors"))
+    if len(stray) == 1:
+        return WeightFiles((stray[0],))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{folder} holds only pickle weights ({', '.join(pickles)}), which can run code when "
+            f"loaded; vlm reads safetensors only",
+            hint="convert them once with a tool you trust, or use a repo that ships .safetensors",
+        )
+    raise CheckpointError(f"{folder} has no model.safetensors or {INDEX_NAME}")
+
+
+def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each (name, tensor) of the checkpoint, one at a time; files are memory-mapped, so a
+    tensor is read from disk only when asked for."""
+    for path in files.files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+        except (SafetensorError, RuntimeError) as e:  # bad header, truncated data
+            raise CheckpointError(
+                f"{path.name} is not a valid safetensors file ({e})", hint="re-download the model"
+            ) from None
+
+
+def tensor_shapes(files: WeightFiles) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) from the headers alone, without reading any data."""
+    out = {}
+    for path in files.files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    out[name] = (tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(
+                f"{path.name} is not a valid safetensors file ({e})", hint="re-download the model"
+            ) from None
+    return out
+
