@@ -82,13 +82,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, cos, sin, pos: int, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
+        else:  # a whole sequence at once (training, scoring): keys are just this chunk
+            pos = 0
         mask = causal_mask(pos, T, x.device)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1), enable_gqa=self.n_kv != self.n_heads
@@ -116,7 +119,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache) -> torch.Tensor:
+    def forward(self, x, cos, sin, pos: int, cache: KVCache | None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -153,9 +156,11 @@ class Decoder(nn.Module):
         )
 
     def forward(
-        self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True
+        self, embeds: torch.Tensor, pos: int, cache: KVCache | None, last_only: bool = True
     ) -> torch.Tensor:
-        """embeds (B, T, d) for positions pos..pos+T-1 -> logits (B, 1 or T, vocab)."""
+        """embeds (B, T, d) for positions pos..pos+T-1 -> logits (B, 1 or T, vocab).
+
+        Without a cache the sequence is attended to on its own (training and scoring)."""
         T = embeds.shape[1]
         cos, sin = self.rope(pos, T, embeds.dtype)
         x = embeds

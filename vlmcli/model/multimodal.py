@@ -58,7 +58,7 @@ class VisionLanguageModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         pixels: torch.Tensor | None,
-        cache: KVCache,
+        cache: KVCache | None,
         pos: int = 0,
         last_only: bool = True,
     ) -> torch.Tensor:

@@ -1,0 +1,84 @@
+"""The `vlm` command: a Typer app whose commands are thin wrappers over the library.
+
+`main()` is the console script. It owns the contract's exit codes: 0 ok, 1 failure,
+2 usage, 130 interrupted; one line on stderr for every error, a traceback only with --debug.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import typer
+
+from vlmcli import __version__
+from vlmcli.cli import describe
+from vlmcli.cli.console import err_console, state
+from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, VlmError
+
+app = typer.Typer(
+    name="vlm",
+    help="Run LLaVA-style vision-language models on your own machine.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", envvar="VLM_DEBUG", help="Show tracebacks for errors. [env: VLM_DEBUG]"
+    ),
+) -> None:
+    state.debug = debug
+
+
+app.command("describe")(describe.describe)
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="vlm", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:  # bad options, missing arguments
+        e.show(file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, click.UsageError) else EXIT_FAILURE
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err_console().print("interrupted")
+        return EXIT_INTERRUPTED
+    except VlmError as e:
+        if state.debug:
+            err_console().print_exception()
+        err_console().print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        return e.exit_code
+    except BrokenPipeError:  # `vlm describe ... | head`: the reader left; not our failure
+        sys.stderr.close()
+        return 0
+    except Exception as e:  # a bug: say so in one line, the traceback under --debug
+        if state.debug:
+            err_console().print_exception()
+        else:
+            err_console().print(
+                f"[bold red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        return EXIT_FAILURE
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Options shared by several commands, declared once (Annotated aliases)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
+
+Model = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="VLM_MODEL",
+        help="A local model folder, a hub repo id (id@revision), or 'demo'.",
+        show_envvar=True,
+    ),
+]
+BackendName = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        "-b",
+        envvar="VLM_BACKEND",
+        help="Where and how to run: auto, cpu.",
+        show_envvar=True,
+    ),
+]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
+Temperature = Annotated[
+    float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy and deterministic.")
+]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep tokens up to this probability mass.")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep only the K most likely tokens (0: off).")]
+RepetitionPenalty = Annotated[
+    float, typer.Option("--repetition-penalty", min=0.01, help="Penalise tokens already present (1: off).")
+]
+Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices on stderr.")]
