@@ -522,7 +522,27 @@ def make_llava_checkpoint(
 # --------------------------------------------------------------------------------------------
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_CACHE_NAME = "smollm2-llava-v1"  # bump when the build changes so old caches are ignored
+SMOLLM2_CACHE_NAME = "smollm2-llava-v2"  # bump when the build changes so old caches are ignored
+
+
+# SmolLM2-Instruct's ChatML template (its default system prompt included), extended the way
+# llava-interleave-qwen's template is: a message's content may be a string or a list of parts,
+# with its images written first as "<image>\n". For string content it renders exactly what
+# SmolLM2's own template renders.
+SMOLLM2_VLM_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
+    "{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def smollm2_gguf_path() -> Path | None:
@@ -668,12 +688,12 @@ def _build_smollm2_llava(gguf: Path, out: Path) -> None:
             "pad_token": hf_tok.pad_token,
             "clean_up_tokenization_spaces": False,
             "model_max_length": text_cfg["max_position_embeddings"],
-            "chat_template": hf_tok.chat_template,
             "processor_class": "LlavaProcessor",
             "tokenizer_class": "GPT2Tokenizer",
             "extra_special_tokens": {"image_token": "<image>"},
         },
     )
+    _write_json(out / "chat_template.json", {"chat_template": SMOLLM2_VLM_TEMPLATE})
     _write_json(out / "preprocessor_config.json", _clip_preprocessor_config(image_size))
     _write_json(out / "processor_config.json", _processor_config(patch_size, "default"))
     im_end = backend.token_to_id("<|im_end|>")

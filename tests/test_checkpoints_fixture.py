@@ -153,7 +153,10 @@ def test_smollm2_fixture_answers_paris(smollm2_llava):
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2_llava)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(smollm2_llava, dtype=torch.float32).eval()
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    # the template lives in chat_template.json, which the processor (not the tokenizer) reads
+    processor = transformers.AutoProcessor.from_pretrained(smollm2_llava)
+    text = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1] :].tolist()
