@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from vlmcli import __version__
 from vlmcli.cli import describe
 from vlmcli.cli.console import err_console, state
-from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, VlmError
+from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, VlmError
 
 app = typer.Typer(
     name="vlm",
@@ -50,13 +49,15 @@ app.command("describe")(describe.describe)
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="vlm", standalone_mode=False)
-    except click.exceptions.Exit as e:
+        result = command.main(args=argv, prog_name="vlm", standalone_mode=False)
+        if isinstance(result, int):  # --version, --help: an exit code, not a result
+            return result
+    except typer.Exit as e:
         return e.exit_code
-    except click.ClickException as e:  # bad options, missing arguments
+    except typer.TyperException as e:  # bad options, missing arguments (Typer's own Click)
         e.show(file=sys.stderr)
-        return EXIT_USAGE if isinstance(e, click.UsageError) else EXIT_FAILURE
-    except (KeyboardInterrupt, click.exceptions.Abort):
+        return e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
         err_console().print("interrupted")
         return EXIT_INTERRUPTED
     except VlmError as e:

@@ -11,7 +11,7 @@ import typer
 
 from vlmcli.cli import options
 from vlmcli.cli.console import notice, progress_bar, state
-from vlmcli.errors import UsageError
+from vlmcli.errors import ImageError, UsageError
 from vlmcli.generate import SamplingOptions
 from vlmcli.pipeline import Pipeline
 
@@ -19,7 +19,7 @@ DEFAULT_PROMPT = "Describe this image."
 
 
 def describe(
-    images: Annotated[list[Path], typer.Argument(help="Image files to describe.", show_default=False)],
+    image: Annotated[list[Path], typer.Argument(help="Image files to describe.", show_default=False)],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about each image.")] = DEFAULT_PROMPT,
     model: options.Model = options.DEFAULT_MODEL,
     backend: options.BackendName = "auto",
@@ -45,6 +45,10 @@ def describe(
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    images = image  # the parameter's name is what usage lines show: IMAGE...
+    for image in images:  # fail before the model loads, not after
+        if not image.is_file():
+            raise ImageError(f"cannot read image '{image}': no such file")
     with progress_bar("loading model") as update:
         pipe = Pipeline.load(model, backend, progress=update, notice=notice, download_progress=not quiet)
 
