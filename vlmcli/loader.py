@@ -106,7 +106,7 @@ def _fill(
         name = plan.get(key)
         if name is None:
             continue
-        owner, attr = name.rsplit(".", 1)
+        owner, _, attr = name.rpartition(".")  # owner "" is the model itself (image_newline)
         if owner in linears:
             parts = pending.setdefault(owner, {})
             parts[attr] = tensor
