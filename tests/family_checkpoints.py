@@ -37,6 +37,7 @@ from tests.checkpoints import (
     CORPUS,
     DEFAULT_WEIGHT_SCALE,
     LLAVA_TEMPLATE,
+    _legacy_config,
     _llama_tokenizer_config,
     _rename_safetensors_keys,
     _transformers_version,
@@ -279,6 +280,8 @@ def make_family_checkpoint(
     pinpoints: list[list[int]] | None = None,
     vision_aspect_ratio: str = "anyres_max_9",
     key_layout: str = "saved",
+    legacy_config: bool = False,
+    config_json_overrides: dict | None = None,
     chat_template: str | None = None,
     image_size: int = 30,
     patch_size: int = 6,
@@ -294,6 +297,11 @@ def make_family_checkpoint(
     text_overrides go to the decoder config (rope_parameters, sliding_window, ...),
     config_overrides to the top-level config. key_layout: "saved" (what save_pretrained
     writes), "hub" (llava-hf's names) or "module" (transformers 5's in-memory names).
+    legacy_config: rewrite config.json sparsely, as the 4.4x-era llava-hf repos carry it
+    (sub-configs keep only what differs from their class's defaults; no layer_types).
+    config_json_overrides: merged into the written config.json afterwards (a dict value for
+    text_config / vision_config merges into it), for values transformers would normalise
+    away when building the config (e.g. Gemma's legacy hidden_act "gelu").
     """
     from transformers import (
         LlavaConfig,
@@ -376,6 +384,17 @@ def make_family_checkpoint(
         _rename_safetensors_keys(path, _to_module_layout)
     elif key_layout != "saved":
         raise ValueError(f"unknown key_layout {key_layout!r}")
+    if legacy_config or config_json_overrides:
+        written = json.loads((path / "config.json").read_text())
+        if legacy_config:
+            written = _legacy_config(written, type(text_config)().to_dict(), type(vision_config)().to_dict())
+            written["text_config"].pop("layer_types", None)
+        for key, value in (config_json_overrides or {}).items():
+            if isinstance(value, dict) and isinstance(written.get(key), dict):
+                written[key] = {**written[key], **value}
+            else:
+                written[key] = value
+        _write_json(path / "config.json", written)
 
     tok.save(str(path / "tokenizer.json"))
     _write_json(path / "tokenizer_config.json", tok_config)

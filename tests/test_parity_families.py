@@ -49,11 +49,30 @@ def make_family(tmp_path_factory):
     return factory
 
 
+class _ImageOnlyOnevisionProcessor(transformers.LlavaOnevisionProcessor):
+    """LlavaOnevisionProcessor without its video processor (which needs torchvision)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
 def _reference(path):
     cfg = json.loads((path / "config.json").read_text())
     cls = getattr(transformers, _REFERENCE_CLASSES[cfg["model_type"]])
     model = cls.from_pretrained(path, dtype=torch.float32).eval()
-    processor = transformers.AutoProcessor.from_pretrained(path)
+    if cfg["model_type"] == "llava_onevision":
+        # AutoProcessor would also build the video processor, which needs torchvision
+        processor = _ImageOnlyOnevisionProcessor(
+            image_processor=transformers.AutoImageProcessor.from_pretrained(path),
+            tokenizer=transformers.AutoTokenizer.from_pretrained(path),
+            video_processor=None,
+            chat_template=json.loads((path / "chat_template.json").read_text())["chat_template"],
+            **{k: v for k, v in json.loads((path / "processor_config.json").read_text()).items() if k != "processor_class"},
+        )
+    else:
+        processor = transformers.AutoProcessor.from_pretrained(path)
     return model, processor
 
 
@@ -76,6 +95,10 @@ def check_parity(path, images, prompt="What is in the picture?", new_tokens=NEW_
     messages = [user_message(prompt, len(images))]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     pil = [Image.open(p).convert("RGB") for p in images]
+    if isinstance(processor, transformers.LlavaOnevisionProcessor) and pil:
+        # images nested per prompt, so that several images in one prompt are known as such
+        # (batch_num_images); OneVision encodes those at base resolution only
+        pil = [pil]
     inputs = processor(text=text, images=pil or None, return_tensors="pt")
 
     # 1. the token sequence, each image's slot expanded to its own count
@@ -149,6 +172,8 @@ INTERLEAVE = {
     # use_sliding_window on the upper layer only (max_window_layers=1), window shorter than the prompt
     "qwen2-sliding": dict(text_overrides=dict(use_sliding_window=True, sliding_window=16, max_window_layers=1)),
     "siglip-default-layers": dict(strategy="default", feature_layer=[-3, -1]),
+    # config.json as sparse as llava-interleave-qwen-0.5b-hf's (Qwen2/SigLIP class defaults implied)
+    "legacy-config": dict(legacy_config=True),
 }
 
 
@@ -166,7 +191,10 @@ DECODERS = {
     "mistral-no-window": dict(vision="clip", text="mistral"),
     # GeGLU, sqrt(d) embedding scale, (1 + w) RMSNorm, head_dim 24 != 64 / 4, MQA, tied
     "gemma": dict(vision="clip", text="gemma"),
-    "gemma-siglip-legacy-gelu": dict(vision="siglip", text="gemma", text_overrides=dict(hidden_act="gelu")),
+    # Gemma's original configs say hidden_act "gelu" and mean the tanh approximation
+    "gemma-siglip-legacy-gelu": dict(
+        vision="siglip", text="gemma", legacy_config=True, config_json_overrides=dict(text_config=dict(hidden_act="gelu"))
+    ),
 }
 
 
@@ -201,3 +229,146 @@ def test_rope_scaling_matches_transformers(make_family, make_test_image, kind):
     _assert_diverse(answer)
     if kind == "dynamic":  # the path past the trained length was taken, prefill and decode
         assert answer.prompt_tokens > 40
+
+
+# ---- LLaVA-NeXT: anyres tiles, unpadding, image_newline --------------------------------------
+
+NEXT = {
+    # llava-v1.6-vicuna-7b-hf's shape: CLIP, Llama, vicuna template, saved key names
+    "vicuna-landscape": (dict(model_type="llava_next", vision="clip", text="llama"), [(64, 48)]),
+    # llava-v1.6-mistral-7b-hf's shape: hub key names, [INST] template, a portrait image
+    "mistral-portrait-hub": (
+        dict(model_type="llava_next", vision="clip", text="mistral", key_layout="hub", legacy_config=True,
+             chat_template=MISTRAL_TEMPLATE, text_overrides=dict(sliding_window=32)),
+        [(40, 70)],
+    ),
+    # two images of different sizes, so different token counts, in one prompt
+    "two-images": (dict(model_type="llava_next", vision="clip", text="llama"), [(97, 41), (30, 30)]),
+    "siglip-qwen2-module": (
+        dict(model_type="llava_next", vision="siglip", text="qwen2", key_layout="module"), [(50, 61)]
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(NEXT), ids=list(NEXT))
+def test_llava_next_matches_transformers(make_family, make_test_image, variant):
+    kwargs, sizes = NEXT[variant]
+    images = [make_test_image(size=s, seed=i + 1) for i, s in enumerate(sizes)]
+    answer, measured = check_parity(make_family(**kwargs), images)
+    _assert_diverse(answer)
+
+
+# ---- LLaVA-OneVision: anyres_max_N, several images get the base view only ----------------------
+
+ONEVISION = {
+    # llava-onevision-qwen2-0.5b-ov-hf's shape (SigLIP, Qwen2, ChatML), grids up to 3x3 tiles
+    "qwen2-landscape": (dict(model_type="llava_onevision"), [(64, 48)]),
+    # anyres_max_1: a 2x2 grid holds 4 tiles' worth, so the feature map is shrunk (bilinear)
+    "max1-shrinks-hub": (dict(model_type="llava_onevision", vision_aspect_ratio="anyres_max_1", key_layout="hub"), [(70, 60)]),
+    # two images in one prompt: each is padded to a square, base view only, one newline
+    "two-images": (dict(model_type="llava_onevision"), [(97, 41), (40, 70)]),
+}
+
+
+@pytest.mark.parametrize("variant", list(ONEVISION), ids=list(ONEVISION))
+def test_llava_onevision_matches_transformers(make_family, make_test_image, variant):
+    kwargs, sizes = ONEVISION[variant]
+    images = [make_test_image(size=s, seed=i + 1) for i, s in enumerate(sizes)]
+    answer, measured = check_parity(make_family(**kwargs), images)
+    _assert_diverse(answer)
+
+
+# ---- the seed's projection types -------------------------------------------------------------
+
+
+def test_linear_projector_matches_transformers_parts(make_family, make_test_image, tmp_path):
+    """projector_type "linear" (original LLaVA): one Linear from vision features to the decoder.
+
+    transformers' llava has no linear projector, so the reference is assembled from its
+    parts: its SigLIP tower's selected hidden states, the checkpoint's linear_1, and its
+    decoder run on the resulting input embeddings."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = make_family()
+    path = tmp_path / "linear"
+    shutil.copytree(src, path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["projector_type"] = "linear"
+    (path / "config.json").write_text(json.dumps(cfg))
+    weights = load_file(path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "linear_2" not in k}, path / "model.safetensors")
+
+    ours = Pipeline.load(str(path), "cpu")
+    assert ours.config.projection.projection_type == "linear"
+    assert not hasattr(ours.model.projector, "linear_2")
+    ref, processor = _reference(src)  # the MLP model: its tower and decoder are the same
+    image = make_test_image(size=(64, 48))
+    messages = [user_message("What is in the picture?", 1)]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from PIL import Image
+
+    inputs = processor(text=text, images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    with torch.inference_mode():
+        hidden = ref.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-1]
+        visual = ref.model.multi_modal_projector.linear_1(hidden)  # "full": every patch
+        ids = inputs["input_ids"]
+        embeds = ref.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter((ids == ref.config.image_token_id)[..., None], visual)
+        ref_logits = ref(inputs_embeds=embeds).logits
+        ref_out = ref.generate(inputs_embeds=embeds, max_new_tokens=NEW_TOKENS, do_sample=False)
+        our_logits = ours.model(ids, inputs["pixel_values"], ours.model.decoder.new_cache(ids.shape[1]), last_only=False)
+    scale = ref_logits.abs().max().item()
+    assert (our_logits - ref_logits).abs().max().item() <= LOGIT_RTOL * scale
+    answer = ours.ask(messages, [image], SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0))
+    assert answer.tokens == [t for t in ref_out[0].tolist() if t not in ours.stop_ids]
+    _assert_diverse(answer)
+
+
+def test_checkpoint_without_preprocessor_config_uses_the_towers_recipe(make_family, make_test_image, tmp_path):
+    """No preprocessor_config.json: a SigLIP tower gets SigLIP's plain resize and 0.5 statistics."""
+    import shutil
+
+    from PIL import Image
+
+    path = tmp_path / "no-preprocessor"
+    shutil.copytree(make_family(), path)
+    (path / "preprocessor_config.json").unlink()
+    notices = []
+    ours = Pipeline.load(str(path), "cpu", notice=notices.append)
+    assert any("no preprocessor_config.json" in n for n in notices)
+    image = make_test_image(size=(64, 48))
+    prepared = ours.prepare_images([image], Timings())
+    ref = transformers.SiglipImageProcessorPil(size={"height": 30, "width": 30})
+    expected = ref(images=[Image.open(image).convert("RGB")], return_tensors="pt")["pixel_values"]
+    assert torch.equal(prepared.pixels, expected)
+
+
+def test_sliding_window_decode_equals_full_forward(make_family, make_test_image):
+    """With a sliding window, the KV-cached path (a prefill, a chunk at pos > 0, then one
+    token at a time) gives the logits of one full forward pass."""
+    pipe = Pipeline.load(str(make_family(**DECODERS["mistral-sliding"])), "cpu")
+    model = pipe.model
+    prepared = pipe.prepare_images([make_test_image()], Timings())
+    seq = build_sequence(
+        pipe.tokenizer,
+        [user_message("hello there", 1)],
+        image_token_id=pipe.config.image_token_id,
+        tokens_per_image=prepared.token_counts,
+        context_length=pipe.context_length,
+    )
+    ids = torch.tensor([seq.ids + [5, 17, 99, 3, 42, 7]])
+    n = len(seq.ids)
+    assert n > 16  # the window (16) cuts into the prompt
+    with torch.inference_mode():
+        full = model(ids, prepared.pixels, model.decoder.new_cache(ids.shape[1]), last_only=False)
+        no_cache = model.decoder(model.embed(ids, model.encode_images(prepared.pixels)), 0, None, last_only=False)
+        cache = model.decoder.new_cache(ids.shape[1])
+        parts = [model(ids[:, :n], prepared.pixels, cache, last_only=False)]
+        parts.append(model.decoder(model.decoder.embed_tokens(ids[:, n : n + 3]), n, cache, last_only=False))
+        for i in range(n + 3, ids.shape[1]):
+            parts.append(model.decoder(model.decoder.embed_tokens(ids[:, i : i + 1]), i, cache))
+    stepped = torch.cat(parts, dim=1)
+    torch.testing.assert_close(stepped, full, rtol=0, atol=1e-5 * full.abs().max().item())
+    torch.testing.assert_close(no_cache, full, rtol=0, atol=1e-5 * full.abs().max().item())

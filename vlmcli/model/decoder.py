@@ -103,7 +103,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict) -> torch.Tensor:
+    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None) -> torch.Tensor:
+        """masks: the attention mask per window size, as Decoder.forward computes them once
+        for all layers; None computes this layer's here."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -111,7 +113,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
-        mask = masks[self.window]
+        if masks is None:  # without a cache the keys are just this chunk
+            mask = causal_mask(pos if cache is not None else 0, T, x.device, self.window)
+        else:
+            mask = masks[self.window]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1), enable_gqa=self.n_kv != self.n_heads
         )
@@ -138,7 +143,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict) -> torch.Tensor:
+    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
