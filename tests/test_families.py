@@ -91,3 +91,11 @@ def test_describe_and_default_templates():
     assert family_for({"model_type": "llava_next"}).chat_template_for(mistral) == MISTRAL_CHAT_TEMPLATE
     llama = MultiModalConfig.from_hf({"model_type": "llava"})
     assert family.chat_template_for(llama) == LLAVA_DEFAULT_CHAT_TEMPLATE
+
+
+def test_vision_config_without_model_type_takes_the_familys_tower():
+    # transformers' sub-config spec: a dict without model_type gets the config class's default
+    ov = MultiModalConfig.from_hf({"model_type": "llava_onevision", "vision_config": {"hidden_size": 64, "num_attention_heads": 4, "image_size": 384}})
+    assert (ov.vision.model_type, ov.vision.patch_size) == ("siglip_vision_model", 16)
+    llava = MultiModalConfig.from_hf({"model_type": "llava", "vision_config": {"hidden_size": 64, "num_attention_heads": 4}})
+    assert (llava.vision.model_type, llava.vision.patch_size) == ("clip_vision_model", 32)

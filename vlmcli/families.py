@@ -206,7 +206,9 @@ def _parse(
 ) -> MultiModalConfig:
     # A vision_config dict is read against its own class's defaults; the family's default
     # tower applies only when the config has none (as transformers' sub-config specs do).
-    vision = vision_from_hf(cfg.get("vision_config") or default_vision)
+    vision_cfg = dict(cfg.get("vision_config") or default_vision)
+    vision_cfg.setdefault("model_type", default_vision["model_type"])  # the spec's default type
+    vision = vision_from_hf(vision_cfg)
     text_cfg = dict(cfg.get("text_config") or {})
     text_cfg.setdefault("model_type", default_text_type)
     text = text_from_hf(text_cfg)

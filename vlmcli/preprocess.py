@@ -40,6 +40,7 @@ try:  # Little CMS ships with Pillow's wheels, but a source build may lack it.
 except ImportError:  # pragma: no cover - depends on how Pillow was built
     ImageCms = None
 
+from vlmcli import anyres
 from vlmcli.errors import CheckpointError, ImageError
 
 # The seed's statistics, used when a checkpoint's preprocessor config gives none.
