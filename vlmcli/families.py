@@ -89,6 +89,8 @@ def _parse_llava(cfg: dict[str, Any]) -> MultiModalConfig:
     layers = cfg.get("vision_feature_layer", -2)
     layers = (int(layers),) if isinstance(layers, int) else tuple(int(i) for i in layers)
     total = vision.n_layers + 1
+    if not layers:
+        raise CheckpointError("config.json: vision_feature_layer is an empty list")
     for i in layers:
         if not -total <= i < total:
             raise CheckpointError(

@@ -34,19 +34,28 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_len, computed once in fp32."""
+    """cos/sin tables in fp32, grown on demand: a 128k-context config costs nothing until
+    that many positions are used."""
 
     def __init__(self, head_dim: int, theta: float, max_len: int, device=None):
         super().__init__()
+        self.max_len = max_len
         inv_freq = 1.0 / (
             theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
         )
-        freqs = torch.arange(max_len, device=device).float()[:, None] * inv_freq[None, :]
-        angles = torch.cat([freqs, freqs], dim=-1)  # (max_len, head_dim), halves repeated
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0, head_dim, device=device), persistent=False)
+        self.register_buffer("sin", torch.empty(0, head_dim, device=device), persistent=False)
+
+    def _grow(self, needed: int) -> None:
+        n = min(max(needed, 2 * self.cos.shape[0], 256), max(needed, self.max_len))
+        freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)  # (n, head_dim), halves repeated
+        self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, pos: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if pos + length > self.cos.shape[0]:
+            self._grow(pos + length)
         return self.cos[pos : pos + length].to(dtype), self.sin[pos : pos + length].to(dtype)
 
 
