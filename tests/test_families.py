@@ -99,3 +99,67 @@ def test_vision_config_without_model_type_takes_the_familys_tower():
     assert (ov.vision.model_type, ov.vision.patch_size) == ("siglip_vision_model", 16)
     llava = MultiModalConfig.from_hf({"model_type": "llava", "vision_config": {"hidden_size": 64, "num_attention_heads": 4}})
     assert (llava.vision.model_type, llava.vision.patch_size) == ("clip_vision_model", 32)
+
+
+# ---- whatever the new keys hold, only our own errors ----------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from vlmcli.errors import VlmError  # noqa: E402
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 5000), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12), st.lists(st.integers(-2, 400), max_size=3),
+    st.lists(st.lists(st.integers(-30, 400), max_size=3), max_size=4),
+    st.dictionaries(st.sampled_from(["rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+                                     "original_max_position_embeddings", "beta_fast", "attention_factor"]),
+                    st.one_of(st.sampled_from(["linear", "dynamic", "yarn", "llama3", "default", "longrope"]),
+                              st.floats(-2, 50), st.integers(-2, 9000)), max_size=5),
+)
+_PATHS = [
+    ("model_type",), ("image_grid_pinpoints",), ("vision_aspect_ratio",), ("projector_type",),
+    ("vision_config", "model_type"), ("vision_config", "image_size"), ("vision_config", "patch_size"),
+    ("text_config", "model_type"), ("text_config", "rope_scaling"), ("text_config", "rope_parameters"),
+    ("text_config", "sliding_window"), ("text_config", "use_sliding_window"), ("text_config", "layer_types"),
+    ("text_config", "max_window_layers"), ("text_config", "head_dim"), ("text_config", "hidden_act"),
+]
+_BASE = {
+    "model_type": "llava_onevision",
+    "image_grid_pinpoints": [[30, 30], [30, 60], [60, 30]],
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 37,
+                      "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 30, "patch_size": 6},
+    "text_config": {"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+                    "max_position_embeddings": 64},
+}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(edits=st.lists(st.tuples(st.sampled_from(_PATHS), _values), min_size=1, max_size=3))
+def test_random_family_configs_raise_only_our_errors(edits):
+    import copy
+
+    import torch
+
+    from vlmcli.model.multimodal import VisionLanguageModel
+
+    cfg = copy.deepcopy(_BASE)
+    for path, value in edits:
+        target = cfg
+        for key in path[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target[path[-1]] = value
+    try:
+        parsed = MultiModalConfig.from_hf(cfg)
+        with torch.device("meta"):
+            model = VisionLanguageModel(parsed)
+        model.decoder.setup("cpu")
+        model.decoder.rope(0, 8, torch.float32)
+        model.decoder.rope(parsed.text.max_position_embeddings, 4, torch.float32)
+        for h, w in ((30, 30), (17, 90), (200, 31)):
+            assert parsed.image_tokens(h, w) >= 1
+    except VlmError:
+        pass

@@ -13,6 +13,7 @@ Gemma one without `head_dim` means 256), so the tables below are per `model_type
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,9 +204,70 @@ class MultiModalConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "MultiModalConfig":
+        """Parse config.json through its family's parser, then check the values make a model.
+
+        A value of the wrong type anywhere (a string where a size belongs, a list for a
+        dict) surfaces as a CheckpointError naming config.json, not as a Python error."""
         from vlmcli.families import family_for  # families imports this module
 
-        return family_for(cfg).parse_config(cfg)
+        try:
+            parsed = family_for(cfg).parse_config(cfg)
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as e:
+            raise CheckpointError(f"config.json has an invalid value ({type(e).__name__}: {e})") from None
+        parsed.validate()
+        return parsed
+
+    def validate(self) -> None:
+        v, t = self.vision, self.text
+        _positive("vision_config", image_size=v.image_size, patch_size=v.patch_size,
+                  hidden_size=v.d_vision, num_hidden_layers=v.n_layers,
+                  num_attention_heads=v.n_heads, intermediate_size=v.d_ff, num_channels=v.num_channels)
+        _positive("text_config", vocab_size=t.vocab_size, hidden_size=t.d_model,
+                  num_hidden_layers=t.n_layers, num_attention_heads=t.n_heads,
+                  num_key_value_heads=t.n_kv_heads, head_dim=t.head_dim, intermediate_size=t.d_ff,
+                  max_position_embeddings=t.max_position_embeddings)
+        if v.d_vision % v.n_heads:
+            raise CheckpointError(
+                f"config.json: vision hidden_size {v.d_vision} is not a multiple of "
+                f"num_attention_heads {v.n_heads}"
+            )
+        if v.patch_size > v.image_size:
+            raise CheckpointError(
+                f"config.json: vision patch_size {v.patch_size} is larger than image_size {v.image_size}"
+            )
+        if t.n_heads % t.n_kv_heads:
+            raise CheckpointError(
+                f"config.json: num_attention_heads {t.n_heads} is not a multiple of "
+                f"num_key_value_heads {t.n_kv_heads}"
+            )
+        if t.head_dim % 2:
+            raise CheckpointError(f"config.json: head_dim {t.head_dim} must be even for rotary embeddings")
+        if t.rope.rope_type in ("dynamic", "yarn") and (t.head_dim < 4 or t.rope.theta == 1):
+            # both formulas divide by (head_dim - 2) or log(theta)
+            raise CheckpointError(
+                f"config.json: {t.rope.rope_type} RoPE needs head_dim >= 4 and rope_theta != 1 "
+                f"(got {t.head_dim}, {t.rope.theta})"
+            )
+        if t.sliding_window is not None:
+            _positive("text_config", sliding_window=t.sliding_window)
+        for name, value in (("rms_norm_eps", t.norm_eps), ("rope_theta", t.rope_theta),
+                            ("layer_norm_eps", v.norm_eps)):
+            if not math.isfinite(value) or value <= 0:
+                raise CheckpointError(f"config.json: {name} must be a positive number, not {value}")
+        if self.image_token_id < 0:
+            raise CheckpointError(f"config.json: image_token_index {self.image_token_id} is negative")
+
+
+# Far above any real model, low enough that shapes built from it never overflow.
+_MAX_SIZE = 1 << 24
+
+
+def _positive(where: str, **values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAX_SIZE:
+            raise CheckpointError(
+                f"config.json: {where}.{key} must be an integer from 1 to {_MAX_SIZE}, not {value!r}"
+            )
 
 
 # ---- sub-config parsers, one per model_type ----------------------------------------------
@@ -345,6 +407,15 @@ def _rope_from_hf(cfg: dict[str, Any], max_position_embeddings: int) -> RopeConf
     for key in required:
         if key not in params:
             raise CheckpointError(f"config.json: RoPE scaling '{rope_type}' needs '{key}'")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        value = params.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+        ):
+            raise CheckpointError(f"config.json: RoPE scaling '{rope_type}' has {key} {value!r}; expected a positive number")
+    if rope_type == "llama3" and params["low_freq_factor"] == params["high_freq_factor"]:
+        raise CheckpointError("config.json: llama3 RoPE scaling needs low_freq_factor != high_freq_factor")
     if rope_type == "default":
         params = {}
     return RopeConfig(theta=float(theta), rope_type=rope_type, params=tuple(sorted(params.items())))
@@ -364,12 +435,6 @@ def text_from_hf(cfg: dict[str, Any]) -> TextConfig:
     head_dim = int(_get(cfg, d, "head_dim") or d_model // n_heads)
     n_layers = int(_get(cfg, d, "num_hidden_layers"))
     max_pos = int(_get(cfg, d, "max_position_embeddings"))
-    if n_heads % n_kv:
-        raise CheckpointError(
-            f"config.json: num_attention_heads {n_heads} is not a multiple of "
-            f"num_key_value_heads {n_kv}"
-        )
-
     activation = _get(cfg, d, "hidden_act")
     qkv_bias = o_bias = bool(_get(cfg, d, "attention_bias") or False)
     sliding_window, sliding_layers = None, ()

@@ -184,6 +184,8 @@ def _feature_layers(cfg: dict[str, Any], default: int, n_layers: int) -> tuple[i
     layers = cfg.get("vision_feature_layer", default)
     layers = (int(layers),) if isinstance(layers, int) else tuple(int(i) for i in layers)
     total = n_layers + 1
+    if not layers:
+        raise CheckpointError("config.json: vision_feature_layer is an empty list")
     for i in layers:
         if not -total <= i < total:
             raise CheckpointError(

@@ -39,7 +39,7 @@ class LoadedModel:
 def load_model(folder: Path, backend: Backend, progress: ProgressFn | None = None) -> LoadedModel:
     raw = read_config(folder)
     family = family_for(raw)
-    cfg = family.parse_config(raw)
+    cfg = MultiModalConfig.from_hf(raw)
     files = weight_files(folder)
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)

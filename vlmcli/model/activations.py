@@ -32,7 +32,7 @@ _ACTIVATIONS = {
 class Activation(nn.Module):
     def __init__(self, name: str):
         super().__init__()
-        if name not in _ACTIVATIONS:
+        if not isinstance(name, str) or name not in _ACTIVATIONS:
             raise UnsupportedModelError(
                 f"activation '{name}' is not supported (supported: {', '.join(sorted(_ACTIVATIONS))})"
             )
