@@ -8,9 +8,9 @@ style of the llava-hf repos) is turned into transformers' model on the meta devi
 parameter names and shapes, renamed to the names llava-hf's safetensors use (the inverse of
 transformers' conversion_mapping for llava / llava_next: `language_model.model.*`,
 `language_model.lm_head.*`, `vision_tower.vision_model.*`, `multi_modal_projector.*`,
-top-level `image_newline`), are the "checkpoint". Our loader's planning step must then map
-every tensor our model needs, with the right shape, and leave unused only what LLaVA never
-reads (the vision tower's post_layernorm; a tied lm_head).
+top-level `image_newline`), are the checkpoint's headers. Our loader must then map every
+tensor our model needs, with the right shape, and leave unused only what LLaVA never reads
+(the vision tower's post_layernorm, CLIP's last block under layer -2, a tied lm_head).
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import json  # noqa: E402
+
 from vlmcli import loader  # noqa: E402
+from vlmcli.errors import CheckpointError  # noqa: E402
 from vlmcli.families import describe, family_for  # noqa: E402
-from vlmcli.model.multimodal import VisionLanguageModel  # noqa: E402
 
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
@@ -201,17 +203,21 @@ def _hub_tensors(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 @pytest.mark.parametrize("repo", list(HUB_CONFIGS))
-def test_hub_key_layout_loads(repo, monkeypatch):
+def test_hub_key_layout_loads(repo, monkeypatch, tmp_path):
+    """load_model on the checkpoint's headers: it refuses a checkpoint that lacks a tensor
+    the config needs or has one of the wrong shape, before reading any data."""
+    from backends.cpu import CpuBackend
+
     cfg = HUB_CONFIGS[repo]
     tensors = _hub_tensors(cfg)
-    family = family_for(cfg)
-    parsed = family.parse_config(cfg)
-    with torch.device("meta"):
-        ours = VisionLanguageModel(parsed)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    # the headers above stand in for the safetensors files; no tensor data is read
+    monkeypatch.setattr(loader, "weight_files", lambda folder: None)
     monkeypatch.setattr(loader, "tensor_shapes", lambda files: tensors)
-    plan, unused = loader._plan(ours, files=None, family=family)
+    monkeypatch.setattr(loader, "iter_tensors", lambda files: iter(()))
+    loaded = loader.load_model(tmp_path, CpuBackend())
 
-    assert set(plan.values()) == set(loader._expected_parameters(ours))
+    parsed = loaded.config
     allowed_unused = {"vision_tower.vision_model.post_layernorm.weight", "vision_tower.vision_model.post_layernorm.bias"}
     if parsed.text.tie_word_embeddings:
         allowed_unused.add("language_model.lm_head.weight")
@@ -219,7 +225,13 @@ def test_hub_key_layout_loads(repo, monkeypatch):
     last = parsed.vision.n_layers - 1
     if parsed.vision_layers_needed() <= last:
         allowed_unused |= {k for k in tensors if k.startswith(f"vision_tower.vision_model.encoder.layers.{last}.")}
-    assert set(unused) == allowed_unused
+    assert set(loaded.unused_tensors) == allowed_unused
+    # and a checkpoint that lacks a needed tensor is refused
+    missing = dict(tensors)
+    missing.pop("image_newline" if parsed.anyres else "multi_modal_projector.linear_2.bias")
+    monkeypatch.setattr(loader, "tensor_shapes", lambda files: missing)
+    with pytest.raises(CheckpointError, match="lacks 1 tensors"):
+        loader.load_model(tmp_path, CpuBackend())
 
 
 def test_hub_configs_read_as_their_families():
