@@ -163,3 +163,20 @@ def test_random_family_configs_raise_only_our_errors(edits):
             assert parsed.image_tokens(h, w) >= 1
     except VlmError:
         pass
+
+
+def test_sliding_window_layers_as_transformers_assigns_them():
+    import transformers
+
+    from vlmcli.config import text_from_hf
+
+    base = {"model_type": "qwen2", "num_hidden_layers": 4, "use_sliding_window": True, "sliding_window": 8,
+            "max_window_layers": 2}
+    pattern = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    for cfg in (base, {**base, "layer_types": pattern}, {**base, "max_window_layers": -1},
+                {**base, "use_sliding_window": False}):
+        ref = transformers.Qwen2Config(**{k: v for k, v in cfg.items() if k != "model_type"})
+        expected = [ref.sliding_window if t == "sliding_attention" else None for t in ref.layer_types]
+        assert [text_from_hf(cfg).window_for(i) for i in range(4)] == expected, cfg
+    mistral = text_from_hf({"model_type": "mistral", "num_hidden_layers": 3, "sliding_window": 5})
+    assert [mistral.window_for(i) for i in range(3)] == [5, 5, 5]

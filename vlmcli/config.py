@@ -106,10 +106,12 @@ class TextConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     activation: str = "silu"  # the gate's activation: SwiGLU (silu) or GeGLU (gelu_pytorch_tanh)
-    # Mistral: every layer sees only the last `sliding_window` keys; Qwen2: only the layers
-    # listed in `sliding_layers` do (from `layer_types`, or use_sliding_window/max_window_layers).
+    # Mistral: every layer sees only the last `sliding_window` keys. Qwen2: the layers its
+    # `layer_types` marks "sliding_attention" (sliding_layers), else those from
+    # max_window_layers on (sliding_from).
     sliding_window: int | None = None
-    sliding_layers: tuple[int, ...] = ()
+    sliding_layers: tuple[int, ...] | None = None
+    sliding_from: int = 0
     embedding_multiplier: float = 1.0  # Gemma scales token embeddings by sqrt(d_model)
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     bos_token_id: int | None = 1
@@ -133,7 +135,9 @@ class TextConfig:
         return self.max_position_embeddings
 
     def window_for(self, layer: int) -> int | None:
-        return self.sliding_window if layer in self.sliding_layers else None
+        if self.sliding_layers is not None:
+            return self.sliding_window if layer in self.sliding_layers else None
+        return self.sliding_window if layer >= self.sliding_from else None
 
 
 @dataclass(frozen=True)
@@ -437,29 +441,29 @@ def text_from_hf(cfg: dict[str, Any]) -> TextConfig:
     max_pos = int(_get(cfg, d, "max_position_embeddings"))
     activation = _get(cfg, d, "hidden_act")
     qkv_bias = o_bias = bool(_get(cfg, d, "attention_bias") or False)
-    sliding_window, sliding_layers = None, ()
+    sliding_window, sliding_layers, sliding_from = None, None, 0
     multiplier, norm_offset = 1.0, 0.0
     if model_type == "mistral":
         # Mistral ignores `layer_types`: the window (if any) applies to every layer.
         sliding_window = cfg.get("sliding_window", d["sliding_window"])
-        sliding_layers = tuple(range(n_layers)) if sliding_window is not None else ()
     elif model_type == "qwen2":
         qkv_bias, o_bias = True, False  # fixed by the architecture, not configurable
         if _get(cfg, d, "use_sliding_window"):
             sliding_window = cfg.get("sliding_window", d["sliding_window"])
         layer_types = cfg.get("layer_types")
-        if layer_types is None and sliding_window is not None:
-            first = int(_get(cfg, d, "max_window_layers"))
-            sliding_layers = tuple(range(first, n_layers))
-        elif layer_types is not None and sliding_window is not None:
+        if layer_types is not None:
             sliding_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+        else:  # transformers: layer i slides when i >= max_window_layers
+            sliding_from = max(0, min(int(_get(cfg, d, "max_window_layers")), n_layers))
     elif model_type == "gemma":
         if activation == "gelu":  # transformers reads Gemma's legacy "gelu" as the tanh approximation
             activation = "gelu_pytorch_tanh"
         multiplier = d_model**0.5
         norm_offset = 1.0
-    if sliding_window is not None and not sliding_layers:
-        sliding_window = None
+    if sliding_layers == () or sliding_from >= n_layers:
+        sliding_window = None  # no layer slides
+    if sliding_window is None:
+        sliding_layers, sliding_from = None, 0
     rope = _rope_from_hf(cfg, max_pos)
 
     return TextConfig(
@@ -482,6 +486,7 @@ def text_from_hf(cfg: dict[str, Any]) -> TextConfig:
         activation=activation,
         sliding_window=None if sliding_window is None else int(sliding_window),
         sliding_layers=sliding_layers,
+        sliding_from=sliding_from,
         embedding_multiplier=multiplier,
         norm_offset=norm_offset,
         bos_token_id=cfg.get("bos_token_id", d["bos_token_id"]),
