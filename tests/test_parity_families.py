@@ -5,7 +5,11 @@ pixel values (bit-identical), vision features after projection and packing, logi
 position, and greedy tokens (identical, and diverse enough to mean something).
 
 Tolerances (fp32, CPU) are those of test_parity_llava.py: features within 1e-5 and logits
-within 1e-4 of their scale. Measured differences are recorded in MEASURED below.
+within 1e-4 of their scale. Measured on this machine: 0.0 for features and logits in every
+variant below (the same float32 operations in the same order), and the greedy tokens are
+identical with 20-24 distinct tokens out of 24. Mutations (no (1 + w) in Gemma's RMSNorm, no
+embedding scale, a window off by one, image_newline before instead of after each row,
+transposed tiles, nearest instead of bilinear shrinking) each fail these tests.
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from tests.family_checkpoints import MISTRAL_TEMPLATE, make_family_checkpoint  # noqa: E402
-from vlmcli.generate import SamplingOptions  # noqa: E402
-from vlmcli.generate import Timings  # noqa: E402
+from vlmcli.generate import SamplingOptions, Timings  # noqa: E402
 from vlmcli.pipeline import Pipeline  # noqa: E402
 from vlmcli.sequence import build_sequence, user_message  # noqa: E402
 
