@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -97,34 +94,6 @@ def test_urls_are_kept_until_fetched():
     assert all(i.is_url for i in items)
 
 
-# ------------------------------------------------------------------ a local HTTP server
-
-
-class _Handler(BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):
-        route = self.routes.get(self.path)
-        if route is None:
-            self.send_error(404, "Not Found")
-            return
-        route(self)
-
-    def log_message(self, *args):  # keep test output clean
-        pass
-
-
-@pytest.fixture(scope="module")
-def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", _Handler.routes
-    httpd.shutdown()
-    httpd.server_close()
-
-
 def _send(body: bytes, length: bool = True):
     def handler(h):
         h.send_response(200)
@@ -147,8 +116,8 @@ def _slow(h):
         time.sleep(0.05)
 
 
-def test_fetch(server, test_image):
-    base, routes = server
+def test_fetch(http_server, test_image):
+    base, routes = http_server
     data = test_image.read_bytes()
     routes["/ok.png"] = _send(data)
     routes["/nolength.png"] = _send(data, length=False)

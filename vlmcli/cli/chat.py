@@ -119,12 +119,16 @@ def _interactive(session: ChatSession) -> None:
                 if _run_command(session, line) == "exit":
                     return
                 continue
-            reply = session.ask(line, on_text=_write_stdout)
+            try:
+                reply = session.ask(line, on_text=_write_stdout)
+            except KeyboardInterrupt:
+                _write_stdout("\n")
+                err_console().print("[dim](reply stopped)[/]", highlight=False)
+                continue
             _write_stdout("\n")
             _report(reply, session)
-        except KeyboardInterrupt:
-            _write_stdout("\n")
-            err_console().print("[dim](reply stopped)[/]", highlight=False)
+        except KeyboardInterrupt:  # during a command (an image download, say)
+            err_console().print("[dim](interrupted)[/]", highlight=False)
         except VlmError as e:
             if state.debug:
                 err_console().print_exception()
