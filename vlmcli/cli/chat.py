@@ -76,9 +76,12 @@ def chat(
     )
     images = [item.fetched() for item in inputs.expand(image or [], allow_stdin=False)]
     session = ChatSession(load_pipeline(model, backend), opts)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        notice(f"chatting with {model}; /help for commands, Ctrl-D to quit")
     for item in images:
         _add_image(session, item)
-    if sys.stdin.isatty() and sys.stdout.isatty():
+    if interactive:
         _interactive(session)
     else:
         _scripted(session, sys.stdin)
@@ -104,7 +107,6 @@ def _scripted(session: ChatSession, lines) -> None:
 
 def _interactive(session: ChatSession) -> None:
     prompt = _prompt_session()
-    notice(f"chatting with {session.pipe.model_ref}; /help for commands, Ctrl-D to quit")
     while True:
         try:
             line = prompt.prompt(PROMPT)
