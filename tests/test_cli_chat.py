@@ -132,3 +132,48 @@ def test_history_file_location(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert history_path() == tmp_path / ".local" / "state" / "vlm" / "history"
+
+
+def test_the_interactive_loop_survives_errors(capsys, monkeypatch):
+    """The loop itself, with a scripted prompt: Ctrl-C during a reply, an error and a bug
+    each leave the chat running; Ctrl-D ends it."""
+    from vlmcli.cli import chat as chat_cli
+    from vlmcli.errors import ImageError
+
+    class Prompt:
+        lines = iter(["first", "", "second", "third", "fourth", "fifth"])
+
+        def prompt(self, _):
+            line = next(self.lines, None)
+            if line is None:
+                raise EOFError
+            if line == "second":
+                raise KeyboardInterrupt  # Ctrl-C at the prompt
+            return line
+
+    class Session:
+        asked = []
+
+        def ask(self, text, on_text):
+            self.asked.append(text)
+            if text == "first":
+                on_text("Once upon")
+                raise KeyboardInterrupt
+            if text == "third":
+                raise ImageError("cannot read image 'x': no such file")
+            if text == "fourth":
+                raise RuntimeError("boom")
+            on_text("fine")
+            return type("Reply", (), {"finish_reason": "stop"})()
+
+    monkeypatch.setattr(chat_cli, "_prompt_session", Prompt)
+    monkeypatch.setattr(chat_cli.state, "debug", False)
+    chat_cli._interactive(Session())
+    out, err = capsys.readouterr()
+    assert Session.asked == ["first", "third", "fourth", "fifth"]
+    assert out == "Once upon\nfine\n"
+    assert err == (
+        "(reply stopped)\n"
+        "error: cannot read image 'x': no such file\n"
+        "internal error: RuntimeError: boom (run with --debug for the traceback)\n"
+    )

@@ -135,6 +135,15 @@ def _interactive(session: ChatSession) -> None:
             if state.debug:
                 err_console().print_exception()
             err_console().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        except Exception as e:  # a bug, or out of memory: said, and the conversation goes on
+            if state.debug:
+                err_console().print_exception()
+            else:
+                err_console().print(
+                    f"[bold red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
 
 
 def _prompt_session():
