@@ -145,7 +145,8 @@ def test_multi_line_input_and_ctrl_d(llava_ckpt, tmp_path):
         term.keys("two", "Escape", "Enter")  # Esc, Enter (what Alt-Enter sends): a new line
         term.type("three")
         term.wait_for_prompt(2)
-        term.keys("C-c")  # at the prompt: nothing to stop, a fresh prompt
+        term.keys("x", "C-c")  # at the prompt: the line is dropped, a fresh prompt
+        term.wait_for_prompt(3)
         term.keys("C-d")  # Ctrl-D on an empty line: goodbye
         screen = term.wait_for("EXIT=0")
     finally:

@@ -109,41 +109,47 @@ def _interactive(session: ChatSession) -> None:
     prompt = _prompt_session()
     while True:
         try:
-            line = prompt.prompt(PROMPT)
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as in a shell
-            continue
-        except EOFError:  # Ctrl-D
-            return
-        if not line.strip():
-            continue
+            if _interactive_turn(session, prompt) == "exit":
+                return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt or between turns: a fresh prompt
+            pass
+
+
+def _interactive_turn(session: ChatSession, prompt) -> str | None:
+    """Read one line and act on it; errors are said and the conversation goes on."""
+    try:
+        line = prompt.prompt(PROMPT)
+    except EOFError:  # Ctrl-D
+        return "exit"
+    if not line.strip():
+        return None
+    try:
+        if _is_command(line):
+            return _run_command(session, line)
         try:
-            if _is_command(line):
-                if _run_command(session, line) == "exit":
-                    return
-                continue
-            try:
-                reply = session.ask(line, on_text=_write_stdout)
-            except KeyboardInterrupt:
-                _write_stdout("\n")
-                err_console().print("[dim](reply stopped)[/]", highlight=False)
-                continue
+            reply = session.ask(line, on_text=_write_stdout)
+        except KeyboardInterrupt:
             _write_stdout("\n")
-            _report(reply, session)
-        except KeyboardInterrupt:  # during a command (an image download, say)
-            err_console().print("[dim](interrupted)[/]", highlight=False)
-        except VlmError as e:
-            if state.debug:
-                err_console().print_exception()
-            err_console().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        except Exception as e:  # a bug, or out of memory: said, and the conversation goes on
-            if state.debug:
-                err_console().print_exception()
-            else:
-                err_console().print(
-                    f"[bold red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+            err_console().print("[dim](reply stopped)[/]", highlight=False)
+            return None
+        _write_stdout("\n")
+        _report(reply, session)
+    except KeyboardInterrupt:  # during a command (an image download, say)
+        err_console().print("[dim](interrupted)[/]", highlight=False)
+    except VlmError as e:
+        if state.debug:
+            err_console().print_exception()
+        err_console().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    except Exception as e:  # a bug, or out of memory: said, and the conversation goes on
+        if state.debug:
+            err_console().print_exception()
+        else:
+            err_console().print(
+                f"[bold red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
+                highlight=False,
+                soft_wrap=True,
+            )
+    return None
 
 
 def _prompt_session():
