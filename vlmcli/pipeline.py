@@ -17,12 +17,14 @@ import backends
 from backends.base import Backend
 from vlmcli import checkpoint
 from vlmcli.generate import Generation, SamplingOptions, Timings, generate
+from vlmcli.inputs import ImageInput
 from vlmcli.loader import LoadedModel, ProgressFn, load_model
 from vlmcli.preprocess import ImageProcessorConfig, load_image_with_notes, preprocess_batch
 from vlmcli.sequence import Message, build_sequence, user_message
 from vlmcli.tokenizer import Tokenizer
 
 Notice = Callable[[str], None]  # one line for stderr
+ImageSource = str | Path | bytes | ImageInput  # an ImageInput's name is what errors call it
 
 
 @dataclass
@@ -83,7 +85,7 @@ class Pipeline:
     def context_length(self) -> int:
         return self.config.text.max_position_embeddings
 
-    def encode_images(self, sources: list[str | Path | bytes], timings: Timings) -> tuple[torch.Tensor | None, list[str]]:
+    def encode_images(self, sources: list[ImageSource], timings: Timings) -> tuple[torch.Tensor | None, list[str]]:
         """Image files -> visual tokens (N, n_visual, d_language), on the backend's device."""
         if not sources:
             return None, []
@@ -91,7 +93,10 @@ class Pipeline:
         notes: list[str] = []
         images = []
         for src in sources:
-            image, image_notes = load_image_with_notes(src)
+            if isinstance(src, ImageInput):
+                image, image_notes = load_image_with_notes(src.fetched().source, name=src.name)
+            else:
+                image, image_notes = load_image_with_notes(src)
             images.append(image)
             notes.extend(image_notes)
         pixels = preprocess_batch(images, self.image_config)
@@ -106,7 +111,7 @@ class Pipeline:
     def ask(
         self,
         messages: list[Message],
-        images: list[str | Path | bytes],
+        images: list[ImageSource],
         opts: SamplingOptions,
         on_text: Callable[[str], None] | None = None,
     ) -> Answer:
@@ -148,7 +153,7 @@ class Pipeline:
 
     def describe(
         self,
-        images: list[str | Path | bytes],
+        images: list[ImageSource],
         prompt: str,
         opts: SamplingOptions,
         on_text: Callable[[str], None] | None = None,
