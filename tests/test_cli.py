@@ -68,7 +68,7 @@ def test_several_images_get_headers(capsys, llava_ckpt, make_test_image):
         (["describe", "{img}", "-m", "{ckpt}", "-b", "tpu"], 2, "unknown backend 'tpu' (choose from: auto, cpu)"),
         (["describe", "{img}", "-m", "./no/such/folder"], 2, "model './no/such/folder' is neither a folder nor a hub repo id"),
         (["describe", "{missing}", "-m", "{ckpt}"], 1, "cannot read image '{missing}': no such file"),
-        (["describe"], 2, "Missing argument 'image'"),
+        (["describe"], 2, "Missing argument 'IMAGE'"),
     ],
 )
 def test_errors_are_one_line(capsys, llava_ckpt, test_image, tmp_path, args, code, message):

@@ -375,3 +375,19 @@ def test_sliding_window_decode_equals_full_forward(make_family, make_test_image)
     stepped = torch.cat(parts, dim=1)
     torch.testing.assert_close(stepped, full, rtol=0, atol=1e-5 * full.abs().max().item())
     torch.testing.assert_close(no_cache, full, rtol=0, atol=1e-5 * full.abs().max().item())
+
+
+def test_chat_session_gives_each_anyres_image_its_own_count(make_family, make_test_image):
+    """A LLaVA-NeXT conversation with two images of different shapes (so different token
+    counts) answers as a fresh run over the same messages does."""
+    from vlmcli.chat import ChatSession
+
+    pipe = Pipeline.load(str(make_family(**NEXT["vicuna-landscape"][0])), "cpu")
+    session = ChatSession(pipe, SamplingOptions(max_new_tokens=8))
+    session.add_image(make_test_image(size=(64, 48), seed=1))
+    first = session.ask("What is in this picture?")
+    assert first.tokens == pipe.ask(session.messages[:-1], session.images, session.opts).tokens
+    session.add_image(make_test_image(size=(40, 70), seed=2))
+    second = session.ask("Compare the two pictures.")
+    assert second.tokens == pipe.ask(session.messages[:-1], session.images, session.opts).tokens
+    assert second.reused_tokens >= first.prompt_tokens

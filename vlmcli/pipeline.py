@@ -18,12 +18,14 @@ from backends.base import Backend
 from vlmcli import checkpoint
 from vlmcli.errors import CheckpointError
 from vlmcli.generate import Generation, SamplingOptions, Timings, generate
+from vlmcli.inputs import ImageInput
 from vlmcli.loader import LoadedModel, ProgressFn, load_model
 from vlmcli.preprocess import ImageProcessorConfig, load_image_with_notes, preprocess_anyres, preprocess_batch
 from vlmcli.sequence import Message, build_sequence, count_images, user_message
 from vlmcli.tokenizer import Tokenizer
 
 Notice = Callable[[str], None]  # one line for stderr
+ImageSource = str | Path | bytes | ImageInput  # an ImageInput's name is what errors call it
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Pipeline:
     def context_length(self) -> int:
         return self.config.text.context_length
 
-    def prepare_images(self, sources: list[str | Path | bytes], timings: Timings) -> PreparedImages | None:
+    def prepare_images(self, sources: list[ImageSource], timings: Timings) -> PreparedImages | None:
         """Load and preprocess image files; nothing runs on the model yet."""
         if not sources:
             return None
@@ -105,7 +107,10 @@ class Pipeline:
         notes: list[str] = []
         images = []
         for src in sources:
-            image, image_notes = load_image_with_notes(src)
+            if isinstance(src, ImageInput):
+                image, image_notes = load_image_with_notes(src.fetched().source, name=src.name)
+            else:
+                image, image_notes = load_image_with_notes(src)
             images.append(image)
             notes.extend(image_notes)
         sizes = [(img.height, img.width) for img in images]
@@ -135,7 +140,7 @@ class Pipeline:
         timings.vision_ms += (time.perf_counter() - t0) * 1000
         return visual
 
-    def encode_images(self, sources: list[str | Path | bytes], timings: Timings) -> tuple[object, list[str]]:
+    def encode_images(self, sources: list[ImageSource], timings: Timings) -> tuple[object, list[str]]:
         """Image files -> visual tokens (see encode_prepared) and notes about the files."""
         prepared = self.prepare_images(sources, timings)
         if prepared is None:
@@ -145,7 +150,7 @@ class Pipeline:
     def ask(
         self,
         messages: list[Message],
-        images: list[str | Path | bytes],
+        images: list[ImageSource],
         opts: SamplingOptions,
         on_text: Callable[[str], None] | None = None,
     ) -> Answer:
@@ -191,7 +196,7 @@ class Pipeline:
 
     def describe(
         self,
-        images: list[str | Path | bytes],
+        images: list[ImageSource],
         prompt: str,
         opts: SamplingOptions,
         on_text: Callable[[str], None] | None = None,

@@ -34,12 +34,16 @@ def notice(message: str) -> None:
         err_console().print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
 
 
+def show_progress() -> bool:
+    """Progress is drawn only on a terminal, and never under -q."""
+    return not state.quiet and err_console().is_terminal
+
+
 @contextmanager
-def progress_bar(description: str) -> Iterator:
-    """A progress bar on stderr, yielding an `update(done, total)` callback. Nothing is drawn
-    under -q or when stderr is not a terminal."""
-    console = err_console()
-    if state.quiet or not console.is_terminal:
+def progress_bar(description: str, total: int | None = None) -> Iterator:
+    """A progress bar with an ETA on stderr, yielding an `update(done, total)` callback (None
+    when nothing is drawn: under -q or when stderr is not a terminal)."""
+    if not show_progress():
         yield None
         return
     with Progress(
@@ -47,10 +51,13 @@ def progress_bar(description: str) -> Iterator:
         BarColumn(),
         TaskProgressColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=err_console(),
         transient=True,
+        # Rich would otherwise reroute print() through the stderr console: results must stay on stdout
+        redirect_stdout=False,
+        redirect_stderr=False,
     ) as bar:
-        task = bar.add_task(description, total=None)
+        task = bar.add_task(description, total=total)
 
         def update(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Annotated
 
 import typer
 
+from vlmcli import inputs
 from vlmcli.cli import options
+from vlmcli.cli.common import load_pipeline, sampling_options
 from vlmcli.cli.console import notice, progress_bar, state
-from vlmcli.errors import ImageError, UsageError
-from vlmcli.generate import SamplingOptions
-from vlmcli.pipeline import Pipeline
 
 DEFAULT_PROMPT = "Describe this image."
 
 
 def describe(
-    image: Annotated[list[Path], typer.Argument(help="Image files to describe.", show_default=False)],
+    image: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, globs, folders (their images), '-' for an image on stdin, or http(s) URLs.",
+            show_default=False,
+            metavar="IMAGE",
+        ),
+    ],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about each image.")] = DEFAULT_PROMPT,
     model: options.Model = options.DEFAULT_MODEL,
     backend: options.BackendName = "auto",
@@ -34,49 +40,49 @@ def describe(
 ) -> None:
     """Describe each image (or answer PROMPT about it)."""
     state.quiet = quiet
-    try:
-        opts = SamplingOptions(
-            max_new_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    images = image  # the parameter's name is what usage lines show: IMAGE...
-    for image in images:  # fail before the model loads, not after
-        if not image.is_file():
-            raise ImageError(f"cannot read image '{image}': no such file")
-    with progress_bar("loading model") as update:
-        pipe = Pipeline.load(model, backend, progress=update, notice=notice, download_progress=not quiet)
+    opts = sampling_options(
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    # Every path checked and every URL fetched before the model loads, not after
+    images = [item.fetched() for item in inputs.expand(image)]
+    pipe = load_pipeline(model, backend)
 
-    for i, image in enumerate(images):
-        stream = None
-        if not json_lines:
-            if len(images) > 1:
-                print(("\n" if i else "") + f"==> {image} <==", flush=True)
-            stream = _write_stdout
-        answer = pipe.describe([image], prompt, opts, on_text=stream)
-        for note in answer.notes:
-            notice(f"{image}: {note}")
-        if json_lines:
-            record = {
-                "image": str(image),
-                "model": model,
-                "backend": pipe.backend.name,
-                "prompt": prompt,
-                "text": answer.text,
-                "tokens": answer.tokens,
-                "prompt_tokens": answer.prompt_tokens,
-                "image_tokens": answer.image_tokens,
-                "finish_reason": answer.finish_reason,
-                "timings": answer.timings.as_dict(),
-            }
-            print(json.dumps(record, ensure_ascii=False), flush=True)
-        else:
-            print(flush=True)
+    # Text streamed to a terminal is its own progress; a bar is drawn (on stderr) when the
+    # results go to a file or a pipe.
+    bar_total = len(images) if len(images) > 1 and not sys.stdout.isatty() else None
+    with progress_bar("describing", total=bar_total) if bar_total else nullcontext() as update:
+        for i, item in enumerate(images):
+            stream = None
+            if not json_lines:
+                if len(images) > 1:
+                    print(("\n" if i else "") + f"==> {item.name} <==", flush=True)
+                stream = _write_stdout
+            answer = pipe.describe([item], prompt, opts, on_text=stream)
+            for note in answer.notes:
+                notice(f"{item.name}: {note}")
+            if json_lines:
+                record = {
+                    "image": item.name,
+                    "model": model,
+                    "backend": pipe.backend.name,
+                    "prompt": prompt,
+                    "text": answer.text,
+                    "tokens": answer.tokens,
+                    "prompt_tokens": answer.prompt_tokens,
+                    "image_tokens": answer.image_tokens,
+                    "finish_reason": answer.finish_reason,
+                    "timings": answer.timings.as_dict(),
+                }
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                print(flush=True)
+            if update:
+                update(i + 1, len(images))
 
 
 def _write_stdout(text: str) -> None:

@@ -1,0 +1,23 @@
+"""Steps every model-running command takes: check the sampling options, load the model with
+progress on stderr."""
+
+from __future__ import annotations
+
+from vlmcli.cli.console import notice, progress_bar, show_progress
+from vlmcli.errors import UsageError
+from vlmcli.generate import SamplingOptions
+from vlmcli.pipeline import Pipeline
+
+
+def sampling_options(**kwargs) -> SamplingOptions:
+    try:
+        return SamplingOptions(**kwargs)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_pipeline(model: str, backend: str) -> Pipeline:
+    """The model, with huggingface_hub's download bars and our loading bar on a terminal
+    (nothing under -q or when stderr is not a terminal)."""
+    with progress_bar("loading model") as update:
+        return Pipeline.load(model, backend, progress=update, notice=notice, download_progress=show_progress())
