@@ -51,8 +51,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str | None]]:
     return _ALIASES.get(name, name), options
 
 
-def get_backend(spec: str, checkpoint: Quantization | None = None) -> Backend:
-    """The backend `spec` asks for, checked to be usable here (else a UsageError saying why).
+def build(spec: str, checkpoint: Quantization | None = None) -> Backend:
+    """The backend `spec` names, not yet checked to be usable here (`vlm info` estimates
+    memory for backends this machine lacks). UsageError for unknown names and options.
 
     `checkpoint` is the quantization of the checkpoint about to be loaded, when known: `auto`
     then picks its format, and a quantized backend of another format is refused."""
@@ -60,15 +61,20 @@ def get_backend(spec: str, checkpoint: Quantization | None = None) -> Backend:
     if name == "auto":
         if options:
             raise UsageError("backend 'auto' takes no options")
-        backend = _auto(checkpoint)
-    elif name in _BNB:
-        backend = from_options(_BNB[name], options, checkpoint)
-    elif name in _DENSE:
+        return _auto(checkpoint)
+    if name in _BNB:
+        return from_options(_BNB[name], options, checkpoint)
+    if name in _DENSE:
         if options:
             raise UsageError(f"backend '{name}' takes no options")
-        backend = _DENSE[name]()
-    else:
-        raise UsageError(f"unknown backend '{spec}' (choose from: {', '.join(names())})")
+        return _DENSE[name]()
+    raise UsageError(f"unknown backend '{spec}' (choose from: {', '.join(names())})")
+
+
+def get_backend(spec: str, checkpoint: Quantization | None = None) -> Backend:
+    """The backend `spec` asks for, checked to be usable here (else a UsageError saying why)."""
+    name, _ = parse_spec(spec)
+    backend = build(spec, checkpoint)
     reason = backend.unavailable_reason()
     if reason:
         if name == "auto":  # only a quantized checkpoint makes auto need anything
@@ -87,8 +93,3 @@ def _auto(checkpoint: Quantization | None) -> Backend:
     if torch.cuda.is_available():
         return CudaBackend()
     return CpuBackend()
-
-
-def all_backends() -> list[Backend]:
-    """One instance of each listed backend with default options (for `vlm info`)."""
-    return [CpuBackend(), CpuBf16Backend(), CudaBackend(), CudaBf16Backend(), Int8Backend(), Int4Backend()]

@@ -155,9 +155,7 @@ class BnbBackend:
 
     @property
     def description(self) -> str:
-        where = "GPU" if self.device.type == "cuda" else "CPU"
-        rest = f"{'fp16' if self.device.type == 'cuda' else 'fp32'} elsewhere"
-        return f"{self._what()} weights via bitsandbytes on the {where}, {rest}"
+        return f"{self._what()} on the {'GPU' if self.device.type == 'cuda' else 'CPU'}"
 
     def _what(self) -> str:
         raise NotImplementedError
@@ -212,7 +210,7 @@ class Int8Backend(BnbBackend):
         self.threshold = threshold
 
     def _what(self) -> str:
-        return f"int8 (LLM.int8, outlier threshold {self.threshold:g})"
+        return f"int8 (LLM.int8, threshold {self.threshold:g})"
 
     def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
         bnb = _bnb()
@@ -247,7 +245,7 @@ class Int4Backend(BnbBackend):
         return self.quant_type
 
     def _what(self) -> str:
-        return f"4-bit {self.quant_type}{' (double quantization)' if self.double_quant else ''}"
+        return f"4-bit {self.quant_type}{' + double quant' if self.double_quant else ''}"
 
     def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
         bnb = _bnb()

@@ -31,7 +31,7 @@ class CudaBackend(DenseBackend):
 
 class CudaBf16Backend(CudaBackend):
     name = "cuda-bf16"
-    description = "bf16 on the GPU (compute capability 8.0+)"
+    description = "bf16 on the GPU"
     dtype = torch.bfloat16
 
     def unavailable_reason(self) -> str | None:

@@ -50,7 +50,7 @@ def load_model(folder: Path, backend: Backend, progress: ProgressFn | None = Non
     return LoadedModel(model, cfg, family, folder, unused)
 
 
-def _expected_parameters(model: VisionLanguageModel) -> dict[str, torch.Size]:
+def expected_parameters(model: VisionLanguageModel) -> dict[str, torch.Size]:
     expected = {name: p.shape for name, p in model.named_parameters()}
     if model.cfg.text.tie_word_embeddings:
         expected.pop("decoder.lm_head.weight")  # shared with embed_tokens
@@ -87,7 +87,7 @@ class LoadPlan:
         return {lp.format for lp in self.linears.values()}
 
 
-def _linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     if getattr(model, "cfg", None) is not None and model.cfg.text.tie_word_embeddings:
         linears.pop("decoder.lm_head", None)  # its weight is embed_tokens'
@@ -107,8 +107,8 @@ def _split_linear_key(name: str, linears: dict[str, nn.Linear]) -> tuple[str, st
 def plan_load(model: VisionLanguageModel, files: WeightFiles, family: Family) -> LoadPlan:
     """Check the headers against the model: every tensor present, every shape right, each
     Linear layer either plain or in one bitsandbytes format. Nothing is read but headers."""
-    linears = _linear_modules(model)
-    expected = {n: s for n, s in _expected_parameters(model).items() if n.rpartition(".")[0] not in linears}
+    linears = linear_modules(model)
+    expected = {n: s for n, s in expected_parameters(model).items() if n.rpartition(".")[0] not in linears}
     params: dict[str, str] = {}
     parts: dict[str, dict[str, tuple[tuple[int, ...], str, str]]] = {}
     unused: list[str] = []

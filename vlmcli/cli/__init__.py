@@ -11,7 +11,7 @@ import sys
 import typer
 
 from vlmcli import __version__
-from vlmcli.cli import describe
+from vlmcli.cli import convert, describe, info
 from vlmcli.cli.console import err_console, state
 from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, VlmError
 
@@ -44,6 +44,8 @@ def _root(
 
 
 app.command("describe")(describe.describe)
+app.command("convert")(convert.convert)
+app.command("info")(info.info)
 
 
 def main(argv: list[str] | None = None) -> int:
