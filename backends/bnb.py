@@ -41,13 +41,15 @@ from vlmcli.quantization import (
 )
 
 MIN_VERSION = (0, 48)  # CPU kernels for int8 and 4-bit; tested with 0.50.2
+_DIST = "bitsandbytes"  # the package looked for (tests point it elsewhere to play "missing")
 
 
 def bnb_unavailable_reason() -> str | None:
-    """None when bitsandbytes can be imported and is recent enough, else why not."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    """None when bitsandbytes can be imported and is recent enough, else why not. Cheap:
+    finds the package without importing it."""
+    if importlib.util.find_spec(_DIST) is None:
         return "bitsandbytes is not installed (pip install 'bitsandbytes>=0.48')"
-    version = importlib.metadata.version("bitsandbytes")
+    version = importlib.metadata.version(_DIST)
     numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if numbers < MIN_VERSION:
         return f"bitsandbytes {version} is too old; vlm needs 0.48 or newer"

