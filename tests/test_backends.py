@@ -15,7 +15,6 @@ from vlmcli.errors import UsageError
 from vlmcli.quantization import Quantization
 
 NO_CUDA = torch.version.cuda is None
-needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without a GPU")
 
 
 def run(capsys, *args):

@@ -8,6 +8,7 @@ A checkpoint is data, never code: safetensors only (pickle `.bin`/`.pt` files ar
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -172,19 +173,85 @@ def weight_files(folder: Path) -> WeightFiles:
 
 
 def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each (name, tensor) of the checkpoint, one at a time; files are memory-mapped, so a
-    tensor is read from disk only when asked for."""
+    """Each (name, tensor) of the checkpoint, one at a time, read from disk when asked for.
+
+    Plain reads, not a memory map: a map keeps every page it has touched resident (and
+    counted in the process's memory) until the file is closed, so loading a shard through
+    one costs the whole shard on top of the model; read this way, it costs one tensor."""
     for path in files.files:
         try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            with open(path, "rb") as f:
+                header, data_start = _read_header(f, path)
+                for name in sorted(header):
+                    yield name, _read_tensor(f, path, name, header[name], data_start)
         except OSError as e:
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-        except (SafetensorError, RuntimeError) as e:  # bad header, truncated data
-            raise CheckpointError(
-                f"{path.name} is not a valid safetensors file ({e})", hint="re-download the model"
-            ) from None
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _invalid(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path.name} is not a valid safetensors file ({why})", hint="re-download the model")
+
+
+def _read_header(f, path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header (8-byte little-endian length, then JSON) minus its metadata."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise _invalid(path, "file too short")
+    n = int.from_bytes(raw, "little")
+    if n > 100 * 2**20:
+        raise _invalid(path, f"header of {n} bytes")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _invalid(path, f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _invalid(path, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(f, path: Path, name: str, info: Any, data_start: int) -> torch.Tensor:
+    try:
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise _invalid(path, f"bad header entry for '{name}'") from None
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * dtype.itemsize or begin < 0:
+        raise _invalid(path, f"'{name}' has {end - begin} bytes for shape {shape} of {info['dtype']}")
+    nbytes = end - begin
+    if nbytes >= _OWN_MAP_BYTES:
+        # Its own anonymous map, unmapped the moment the tensor is freed. From malloc, a
+        # tensor a backend converts and drops would stay in the heap (glibc keeps freed
+        # blocks of up to 32 MB), and a load would grow by every layer it quantized.
+        mem = mmap.mmap(-1, nbytes)
+        buf = torch.frombuffer(mem, dtype=torch.uint8)
+    else:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    if f.readinto(buf.numpy()) != nbytes:
+        raise _invalid(path, f"file ends inside '{name}' (truncated)")
+    return buf.view(dtype).reshape(shape)
+
+
+_OWN_MAP_BYTES = 1 << 20
 
 
 def tensor_shapes(files: WeightFiles) -> dict[str, tuple[tuple[int, ...], str]]:

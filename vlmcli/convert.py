@@ -207,7 +207,7 @@ def _write(
                 if quantizes(module) and lp.format == opts.to:
                     tensors = got  # already in the asked format: copied, not quantized twice
                 else:
-                    weight = got["weight"] if lp.format == "dense" else bnb.dequantize(QuantizedWeight(lp.format, lp.shape, got))
+                    weight = got["weight"] if lp.format == "dense" else bnb.dequantize(QuantizedWeight(lp.format, lp.shape, got, module))
                     if quantizes(module):
                         source_dtype = got["weight"].dtype if lp.format == "dense" else float_dtype
                         tensors = bnb.quantize(weight.to(source_dtype), opts.to, opts.double_quant).tensors

@@ -1,9 +1,11 @@
 """Checkpoint -> model: build on `meta`, then fill it tensor by tensor through the backend.
 
 Nothing is allocated before the checkpoint's headers have been checked against the config
-(every tensor present, every shape right), and each tensor is converted or quantized as it
-streams out of the memory-mapped file, so peak memory stays near the final model size plus
-one layer rather than a full-precision copy of the model.
+(every tensor present, every shape right, each Linear layer either plain or stored in one
+bitsandbytes format), and each tensor is converted or quantized as it streams out of the
+file, so peak memory stays near the final model size plus one layer rather than a
+full-precision copy of the model. A layer a bitsandbytes checkpoint stores quantized reaches
+the backend as a QuantizedWeight (packed codes and their quantization state).
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ def _fill(
             if len(got) == len(lp.keys):
                 del pending[module_name]
                 bias = got.pop("bias", None)
-                weight = got["weight"] if lp.format == "dense" else QuantizedWeight(lp.format, lp.shape, got)
+                weight = got["weight"] if lp.format == "dense" else QuantizedWeight(lp.format, lp.shape, got, module_name)
                 _replace_module(model, module_name, backend.make_linear(module_name, weight, bias))
         else:
             continue

@@ -61,14 +61,17 @@ SKIP_MODULES_HF = {
     "lm_head": ("lm_head",),
 }
 
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
+
 # Our module-name prefixes that stay 16-bit (fp32 on the CPU) unless asked otherwise.
 UNQUANTIZED_BY_DEFAULT = ("vision.", "projector.", "decoder.lm_head")
 
 
 def quantized_by_default(module_name: str) -> bool:
     """Whether a Linear layer (our name) is quantized by default: the decoder's blocks are,
-    the vision tower, the projector and lm_head are not (they are small, and the most
-    sensitive to rounding)."""
+    the vision tower, the projector and lm_head are not (a small part of a 7B model, and
+    the parts most sensitive to rounding)."""
     return not module_name.startswith(UNQUANTIZED_BY_DEFAULT)
 
 
@@ -156,6 +159,17 @@ class QuantizedWeight:
     format: str  # "int8" | "nf4" | "fp4"
     shape: tuple[int, int]  # (out_features, in_features) of the unquantized weight
     tensors: dict[str, torch.Tensor] = field(repr=False)
+    name: str = ""  # the layer, for error messages
+
+    def __post_init__(self):
+        fmt = self.tensors.get("weight_format")
+        if self.format == "int8" and fmt is not None and int(fmt.item()) != 0:
+            # bitsandbytes before 0.45 could save int8 weights in tiled GPU layouts
+            raise CheckpointError(
+                f"int8 layer '{self.name}' is stored in a GPU-specific layout (weight_format "
+                f"{int(fmt.item())}); only the row-major layout (0) is supported",
+                hint="re-save it with bitsandbytes >= 0.45",
+            )
 
     @property
     def nbytes(self) -> int:
@@ -212,21 +226,6 @@ def layer_format(
     if w_dtype not in FLOAT_DTYPES:
         raise CheckpointError(f"tensor '{w_key}' is {w_dtype}; expected a floating-point type")
     return "dense"
-
-
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-_DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
-
-
-def check_weight_format(module: str, tensors: dict[str, torch.Tensor]) -> None:
-    """int8 layers saved by old bitsandbytes used tiled GPU layouts; only "row" (0) is portable."""
-    fmt = tensors.get("weight_format")
-    if fmt is not None and int(fmt.item()) != 0:
-        raise CheckpointError(
-            f"int8 layer '{module}' is stored in a GPU-specific layout (weight_format {int(fmt.item())}); "
-            "only the row-major layout (0) is supported",
-            hint="re-save it with bitsandbytes >= 0.45",
-        )
 
 
 # ---- sizes, for `vlm info` and shard planning ----------------------------------------------
