@@ -164,6 +164,7 @@ class BnbBackend:
     name: str
     format: str  # per-layer format: int8, nf4, fp4
     method: str  # int8 | int4, as in quantization_config
+    double_quant = False  # int4 only: the per-block scales quantized too
 
     def __init__(self, *, device: str | None = None, quantize_all: bool = False, prequantized: bool = False):
         self._device = device  # None: the GPU when there is one, else the CPU
@@ -219,7 +220,7 @@ class BnbBackend:
     def _format_bytes(self, fmt: str, out_f: int, in_f: int) -> int:
         if fmt == "int8":
             return int8_bytes(out_f, in_f)
-        return four_bit_bytes(out_f, in_f, getattr(self, "double_quant", False))
+        return four_bit_bytes(out_f, in_f, self.double_quant)
 
     def linear_bytes(self, name: str, out_features: int, in_features: int, stored: str = "dense") -> int:
         if stored != "dense":

@@ -223,3 +223,12 @@ def test_cpu_bf16_runs_the_tiny_model(llava_ckpt, test_image):
         assert bf16.model.encode_images(pixels.bfloat16()).dtype == torch.bfloat16
     # measured: 0.037 of the logits' scale (bf16 keeps 8 bits of mantissa)
     assert (got - want).abs().max() <= 0.08 * want.abs().max()
+
+
+def test_convert_needs_bitsandbytes_only_to_quantize(capsys, no_bitsandbytes, llava_ckpt, tmp_path):
+    code, out, err = run(capsys, "convert", llava_ckpt, tmp_path / "q", "--to", "nf4")
+    assert (code, out) == (2, "")
+    assert err == "error: converting to nf4 needs bitsandbytes: bitsandbytes is not installed (pip install 'bitsandbytes>=0.48')\n"
+    code, out, err = run(capsys, "convert", llava_ckpt, tmp_path / "h", "--to", "bf16", "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]

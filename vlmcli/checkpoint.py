@@ -273,18 +273,7 @@ def tensor_shapes(files: WeightFiles) -> dict[str, tuple[tuple[int, ...], str]]:
 
 # ---- writing (vlm convert) -----------------------------------------------------------------
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
 
 
 def parse_size(text: str) -> int:

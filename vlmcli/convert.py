@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from backends import bnb  # not bitsandbytes itself: that is imported when first used
 from vlmcli import __version__, checkpoint
 from vlmcli.errors import UsageError, VlmError
 from vlmcli.families import family_for
@@ -73,7 +75,6 @@ class ConvertResult:
     bytes_written: int
     quantized_layers: int
     unquantized_layers: int
-    notes: list[str] = field(default_factory=list)
 
 
 def convert(
@@ -92,9 +93,7 @@ def convert(
         _refuse_same(local, output)
     _refuse_existing(output, opts.force)
     quantized_target = opts.to in ("int8", "nf4", "fp4")
-    from backends.bnb import bnb_unavailable_reason  # no bitsandbytes import here
-
-    if quantized_target and (reason := bnb_unavailable_reason()):
+    if quantized_target and (reason := bnb.bnb_unavailable_reason()):
         raise UsageError(f"converting to {opts.to} needs bitsandbytes: {reason}")
 
     folder = checkpoint.resolve(source, progress=download_progress)
@@ -103,7 +102,7 @@ def convert(
     family = family_for(raw)
     cfg = family.parse_config(raw)
     source_quant = read_quantization(raw)
-    if source_quant is not None and (reason := bnb_unavailable_reason()):
+    if source_quant is not None and (reason := bnb.bnb_unavailable_reason()):
         raise UsageError(f"the source is {source_quant.describe()}; reading it needs {reason}")
     # Plan over every block of the vision tower, not only those a LLaVA runs: the output
     # must hold (and quantize alike) everything transformers will look for.
@@ -116,7 +115,8 @@ def convert(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
-        result = _write(folder, files, plan, raw, source, source_quant, tmp, opts, progress)
+        tied = cfg.text.tie_word_embeddings
+        result = _write(folder, files, plan, raw, tied, source, source_quant, tmp, opts, progress)
         _sync_dir(tmp)
         _move_into_place(tmp, output)
     except BaseException as e:
@@ -151,15 +151,8 @@ def _storage_dtype(files: checkpoint.WeightFiles, plan: LoadPlan) -> torch.dtype
     """The dtype the source keeps its unquantized tensors in (that of its embeddings)."""
     shapes = checkpoint.tensor_shapes(files)
     names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float32}
-    biggest = max(plan.params, key=lambda k: _numel(shapes[k][0]), default=None)
+    biggest = max(plan.params, key=lambda k: math.prod(shapes[k][0]), default=None)
     return names.get(shapes[biggest][1], torch.float32) if biggest else torch.float32
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _write(
@@ -167,17 +160,15 @@ def _write(
     files: checkpoint.WeightFiles,
     plan: LoadPlan,
     raw: dict,
+    tied: bool,
     source_ref: str,
     source_quant: Quantization | None,
     out: Path,
     opts: ConvertOptions,
     progress: ProgressFn | None,
 ) -> ConvertResult:
-    from backends import bnb  # imported here: bitsandbytes is slow to import
-
     quantized_target = opts.to in ("int8", "nf4", "fp4")
     float_dtype = _FLOAT_TARGETS.get(opts.to) or _storage_dtype(files, plan)
-    tied = bool(raw.get("tie_word_embeddings") or (raw.get("text_config") or {}).get("tie_word_embeddings"))
 
     def quantizes(module: str) -> bool:
         return quantized_target and (opts.quantize_all or quantized_by_default(module))
@@ -204,7 +195,8 @@ def _write(
                 bias = got.pop("bias", None)
                 if bias is not None:
                     writer.add(lp.keys["bias"], cast(bias))
-                if quantizes(module) and lp.format == opts.to:
+                nested = "weight.nested_absmax" in got
+                if quantizes(module) and lp.format == opts.to and (opts.to == "int8" or nested == opts.double_quant):
                     tensors = got  # already in the asked format: copied, not quantized twice
                 else:
                     weight = got["weight"] if lp.format == "dense" else bnb.dequantize(QuantizedWeight(lp.format, lp.shape, got, module))

@@ -85,13 +85,11 @@ class LoadPlan:
     def n_tensors(self) -> int:
         return len(self.params) + sum(len(lp.keys) for lp in self.linears.values())
 
-    def formats(self) -> set[str]:
-        return {lp.format for lp in self.linears.values()}
 
-
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+def linear_modules(model: VisionLanguageModel) -> dict[str, nn.Linear]:
+    """The Linear layers whose weights come from the checkpoint (a tied lm_head's does not)."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if getattr(model, "cfg", None) is not None and model.cfg.text.tie_word_embeddings:
+    if model.cfg.text.tie_word_embeddings:
         linears.pop("decoder.lm_head", None)  # its weight is embed_tokens'
     return linears
 
