@@ -1,25 +1,38 @@
-"""fp32 on the CPU: the reference backend every other one is compared with."""
+"""The CPU: fp32 (the reference backend every other one is compared with), or bf16.
+
+bf16 halves the bytes a decode step reads, and recent x86 CPUs (AVX-512 BF16, AMX) have
+native bf16 dot products. fp16 is refused: PyTorch's CPU float16 matmuls are slow
+everywhere and fp16's narrow range overflows in activations that bf16 keeps.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from backends.base import dense_linear
+from backends.base import DenseBackend
 
 
-class CpuBackend:
+class CpuBackend(DenseBackend):
     name = "cpu"
     description = "fp32 on the CPU"
-
     device = torch.device("cpu")
     dtype = torch.float32
 
+
+class CpuBf16Backend(DenseBackend):
+    name = "cpu-bf16"
+    description = "bf16 on the CPU"
+    device = torch.device("cpu")
+    dtype = torch.bfloat16
+
+
+class CpuFp16Backend(DenseBackend):
+    """Registered only to say why not: `-b cpu-fp16` gets a reason, not 'unknown backend'."""
+
+    name = "cpu-fp16"
+    description = "fp16 on the CPU (not supported)"
+    device = torch.device("cpu")
+    dtype = torch.float16
+
     def unavailable_reason(self) -> str | None:
-        return None
-
-    def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(self.device, self.dtype)
-
-    def make_linear(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-        return dense_linear(self.place(name, weight), None if bias is None else self.place(name, bias))
+        return "fp16 on the CPU is slow and overflows easily; use cpu (fp32) or cpu-bf16"

@@ -11,6 +11,11 @@
     make_test_image factory: make_test_image(size=(w, h), seed=0) -> Path, cached per session
     http_server     (base_url, routes): a local HTTP server on 127.0.0.1 in a thread; set
                     routes["/path"] = handler(request_handler) to serve something
+
+
+    hf_quantized    factory: hf_quantized(fmt, double_quant=False, skip=None, **llava_kwargs) -> Path:
+                    a tiny LLaVA quantized (int8 / nf4 / fp4) and saved by transformers itself
+                    (skip=None: transformers' default, the vision tower quantized too)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tests.checkpoints import make_llava_checkpoint, smollm2_gguf_path, smollm2_llava_checkpoint, write_test_image
+from tests.quantized_checkpoints import bnb_config, save_with_transformers
 
 
 def pytest_configure(config):
@@ -108,3 +114,19 @@ def http_server():
     yield f"http://127.0.0.1:{httpd.server_address[1]}", _RouteHandler.routes
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def hf_quantized(make_llava, tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    built = {}
+
+    def factory(fmt, double_quant=False, skip=None, **llava_kwargs):
+        key = (fmt, double_quant, _freeze(skip), tuple(sorted((k, _freeze(v)) for k, v in llava_kwargs.items())))
+        if key not in built:
+            out = tmp_path_factory.mktemp(f"hf-{fmt}")
+            config = bnb_config(fmt, double_quant=double_quant, skip=skip)
+            built[key] = save_with_transformers(make_llava(**llava_kwargs), out, config)
+        return built[key]
+
+    return factory

@@ -8,7 +8,10 @@ A checkpoint is data, never code: safetensors only (pickle `.bin`/`.pt` files ar
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -170,19 +173,85 @@ def weight_files(folder: Path) -> WeightFiles:
 
 
 def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each (name, tensor) of the checkpoint, one at a time; files are memory-mapped, so a
-    tensor is read from disk only when asked for."""
+    """Each (name, tensor) of the checkpoint, one at a time, read from disk when asked for.
+
+    Plain reads, not a memory map: a map keeps every page it has touched resident (and
+    counted in the process's memory) until the file is closed, so loading a shard through
+    one costs the whole shard on top of the model; read this way, it costs one tensor."""
     for path in files.files:
         try:
-            with safe_open(path, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+            with open(path, "rb") as f:
+                header, data_start = _read_header(f, path)
+                for name in sorted(header):
+                    yield name, _read_tensor(f, path, name, header[name], data_start)
         except OSError as e:
             raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-        except (SafetensorError, RuntimeError) as e:  # bad header, truncated data
-            raise CheckpointError(
-                f"{path.name} is not a valid safetensors file ({e})", hint="re-download the model"
-            ) from None
+
+
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _invalid(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{path.name} is not a valid safetensors file ({why})", hint="re-download the model")
+
+
+def _read_header(f, path: Path) -> tuple[dict[str, Any], int]:
+    """The safetensors header (8-byte little-endian length, then JSON) minus its metadata."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise _invalid(path, "file too short")
+    n = int.from_bytes(raw, "little")
+    if n > 100 * 2**20:
+        raise _invalid(path, f"header of {n} bytes")
+    try:
+        header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _invalid(path, f"header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _invalid(path, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_tensor(f, path: Path, name: str, info: Any, data_start: int) -> torch.Tensor:
+    try:
+        dtype = _TORCH_DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        begin, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise _invalid(path, f"bad header entry for '{name}'") from None
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * dtype.itemsize or begin < 0:
+        raise _invalid(path, f"'{name}' has {end - begin} bytes for shape {shape} of {info['dtype']}")
+    nbytes = end - begin
+    if nbytes >= _OWN_MAP_BYTES:
+        # Its own anonymous map, unmapped the moment the tensor is freed. From malloc, a
+        # tensor a backend converts and drops would stay in the heap (glibc keeps freed
+        # blocks of up to 32 MB), and a load would grow by every layer it quantized.
+        mem = mmap.mmap(-1, nbytes)
+        buf = torch.frombuffer(mem, dtype=torch.uint8)
+    else:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    if f.readinto(buf.numpy()) != nbytes:
+        raise _invalid(path, f"file ends inside '{name}' (truncated)")
+    return buf.view(dtype).reshape(shape)
+
+
+_OWN_MAP_BYTES = 1 << 20
 
 
 def tensor_shapes(files: WeightFiles) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -200,3 +269,104 @@ def tensor_shapes(files: WeightFiles) -> dict[str, tuple[tuple[int, ...], str]]:
             ) from None
     return out
 
+
+
+# ---- writing (vlm convert) -----------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _TORCH_DTYPES.items()}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '2GiB' -> 2 * 2**30, '1000' -> 1000 (bytes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B?)\s*", text.upper())
+    if not m:
+        raise UsageError(f"'{text}' is not a size (examples: 500MB, 5GB, 2GiB)")
+    number, prefix, suffix = float(m.group(1)), m.group(2), m.group(3)
+    base = 1024 if suffix == "IB" else 1000
+    return int(number * base ** " KMGT".index(prefix or " "))
+
+
+class _Shard:
+    """One safetensors file being written: tensor bytes go to a side file as they come, and
+    the header (which must come first, and lists every tensor) is put in front at the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data_path = path.with_suffix(".data")
+        self.data = open(self.data_path, "wb")
+        self.header: dict[str, Any] = {}
+        self.size = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot store {tensor.dtype} in safetensors")
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.data.write(memoryview(raw))
+        self.header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.size, self.size + raw.nbytes],
+        }
+        self.size += raw.nbytes
+
+    def finish(self) -> None:
+        self.data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # keeps the tensor data 8-byte aligned, as safetensors does
+        with open(self.path, "wb") as out, open(self.data_path, "rb") as data:
+            out.write(len(header).to_bytes(8, "little"))
+            out.write(header)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+            out.flush()
+            os.fsync(out.fileno())
+        self.data_path.unlink()
+
+
+class ShardedWriter:
+    """Safetensors shards of at most `max_shard_bytes` each (a larger tensor gets one of its
+    own), written one tensor at a time so memory holds a single tensor, never a shard.
+
+    close() names them as transformers does: `model.safetensors` when one is enough, else
+    `model-00001-of-0000N.safetensors` and `model.safetensors.index.json`."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int):
+        self.folder = folder
+        self.max_shard_bytes = max_shard_bytes
+        self.shards: list[_Shard] = []
+        self.total_size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if not self.shards or (self.shards[-1].size and self.shards[-1].size + nbytes > self.max_shard_bytes):
+            if self.shards:
+                self.shards[-1].finish()
+            self.shards.append(_Shard(self.folder / f".shard-{len(self.shards) + 1}.safetensors"))
+        self.shards[-1].write(name, tensor)
+        self.total_size += nbytes
+
+    def close(self) -> list[Path]:
+        if not self.shards:
+            raise ValueError("no tensors written")
+        self.shards[-1].finish()
+        n = len(self.shards)
+        if n == 1:
+            names = [SINGLE_NAME]
+        else:
+            names = [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        for shard, name in zip(self.shards, names):
+            shard.path.rename(self.folder / name)
+        paths = [self.folder / name for name in names]
+        if n > 1:
+            weight_map = {t: name for shard, name in zip(self.shards, names) for t in shard.header}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": dict(sorted(weight_map.items()))}
+            write_json(self.folder / INDEX_NAME, index)
+            paths.append(self.folder / INDEX_NAME)
+        return paths
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write JSON the way Hugging Face files look (indent 2, trailing newline), fsynced."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

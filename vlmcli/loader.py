@@ -1,9 +1,11 @@
 """Checkpoint -> model: build on `meta`, then fill it tensor by tensor through the backend.
 
 Nothing is allocated before the checkpoint's headers have been checked against the config
-(every tensor present, every shape right), and each tensor is converted or quantized as it
-streams out of the memory-mapped file, so peak memory stays near the final model size plus
-one layer rather than a full-precision copy of the model.
+(every tensor present, every shape right, each Linear layer either plain or stored in one
+bitsandbytes format), and each tensor is converted or quantized as it streams out of the
+file, so peak memory stays near the final model size plus one layer rather than a
+full-precision copy of the model. A layer a bitsandbytes checkpoint stores quantized reaches
+the backend as a QuantizedWeight (packed codes and their quantization state).
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from vlmcli.config import MultiModalConfig
 from vlmcli.errors import CheckpointError
 from vlmcli.families import Family, family_for
 from vlmcli.model.multimodal import VisionLanguageModel
+from vlmcli.quantization import FLOAT_DTYPES, LINEAR_PARTS, QuantizedWeight, layer_format
 
 ProgressFn = Callable[[int, int], None]  # (tensors done, tensors total)
-
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass
@@ -51,42 +52,123 @@ def load_model(folder: Path, backend: Backend, progress: ProgressFn | None = Non
     return LoadedModel(model, cfg, family, folder, unused)
 
 
-def _expected_parameters(model: VisionLanguageModel) -> dict[str, torch.Size]:
+def expected_parameters(model: VisionLanguageModel) -> dict[str, torch.Size]:
     expected = {name: p.shape for name, p in model.named_parameters()}
     if model.cfg.text.tie_word_embeddings:
         expected.pop("decoder.lm_head.weight")  # shared with embed_tokens
     return expected
 
 
-def _plan(
-    model: VisionLanguageModel, files: WeightFiles, family: Family
-) -> tuple[dict[str, str], list[str]]:
-    """Check the headers against the model: {checkpoint name: our name} and the unused names."""
-    expected = _expected_parameters(model)
-    plan, unused = {}, []
+@dataclass
+class LinearPlan:
+    """Where one Linear layer's tensors are in the checkpoint, and how they are stored."""
+
+    shape: tuple[int, int]  # (out_features, in_features)
+    keys: dict[str, str]  # part ("weight", "bias", "SCB", "weight.absmax", ...) -> checkpoint key
+    format: str  # "dense" | "int8" | "nf4" | "fp4"
+
+
+@dataclass
+class LoadPlan:
+    """The checkpoint checked against the model, from the safetensors headers alone."""
+
+    params: dict[str, str]  # checkpoint key -> our parameter name (everything but Linear layers)
+    linears: dict[str, LinearPlan]  # our module name -> its tensors
+    unused: list[str]  # checkpoint keys the model does not need
+
+    @property
+    def owner(self) -> dict[str, tuple[str, str]]:
+        """checkpoint key -> (Linear module name, part) for every Linear tensor."""
+        return {key: (module, part) for module, lp in self.linears.items() for part, key in lp.keys.items()}
+
+    @property
+    def n_tensors(self) -> int:
+        return len(self.params) + sum(len(lp.keys) for lp in self.linears.values())
+
+
+def linear_modules(model: VisionLanguageModel) -> dict[str, nn.Linear]:
+    """The Linear layers whose weights come from the checkpoint (a tied lm_head's does not)."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if model.cfg.text.tie_word_embeddings:
+        linears.pop("decoder.lm_head", None)  # its weight is embed_tokens'
+    return linears
+
+
+def _split_linear_key(name: str, linears: dict[str, nn.Linear]) -> tuple[str, str] | None:
+    """'decoder.layers.0.mlp.up_proj.weight.absmax' -> ('decoder.layers.0.mlp.up_proj', 'weight.absmax')."""
+    for part in LINEAR_PARTS:
+        if name.endswith("." + part):
+            module = name[: -len(part) - 1]
+            if module in linears:
+                return module, part
+    return None
+
+
+def plan_load(model: VisionLanguageModel, files: WeightFiles, family: Family) -> LoadPlan:
+    """Check the headers against the model: every tensor present, every shape right, each
+    Linear layer either plain or in one bitsandbytes format. Nothing is read but headers."""
+    linears = linear_modules(model)
+    expected = {n: s for n, s in expected_parameters(model).items() if n.rpartition(".")[0] not in linears}
+    params: dict[str, str] = {}
+    parts: dict[str, dict[str, tuple[tuple[int, ...], str, str]]] = {}
+    unused: list[str] = []
+    seen: dict[str, str] = {}
     for key, (shape, dtype) in tensor_shapes(files).items():
         name = family.canonical_name(key)
-        if name not in expected:
+        if name is None:
             unused.append(key)
             continue
-        if name in plan.values():
+        if name in seen:
             raise CheckpointError(f"the checkpoint holds '{name}' twice (last as '{key}')")
-        if shape != tuple(expected[name]):
-            raise CheckpointError(
-                f"tensor '{key}' has shape {list(shape)} but config.json implies "
-                f"{list(expected[name])}"
-            )
-        if dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"tensor '{key}' is {dtype}; expected a floating-point type")
-        plan[key] = name
-    missing = sorted(set(expected) - set(plan.values()))
+        if name in expected:
+            if shape != tuple(expected[name]):
+                raise CheckpointError(
+                    f"tensor '{key}' has shape {list(shape)} but config.json implies "
+                    f"{list(expected[name])}"
+                )
+            if dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor '{key}' is {dtype}; expected a floating-point type")
+            params[key] = name
+        elif (split := _split_linear_key(name, linears)) is not None:
+            module, part = split
+            parts.setdefault(module, {})[part] = (shape, dtype, key)
+        else:
+            unused.append(key)
+            continue
+        seen[name] = key
+
+    missing = sorted(set(expected) - set(params.values()))
+    plans: dict[str, LinearPlan] = {}
+    # Layers in the order their tensors appear, so the first bad tensor is the one reported.
+    order = list(parts) + [m for m in linears if m not in parts]
+    for module in order:
+        layer, got = linears[module], parts.get(module, {})
+        needed = ["weight"] + (["bias"] if layer.bias is not None else [])
+        absent = [f"{module}.{p}" for p in needed if p not in got]
+        if absent:
+            missing.extend(absent)
+            continue
+        if "bias" in got and layer.bias is None:
+            unused.append(got.pop("bias")[2])
+        shape = (layer.out_features, layer.in_features)
+        fmt = layer_format(module, got, shape)
+        if "bias" in got:
+            b_shape, b_dtype, b_key = got["bias"]
+            if tuple(b_shape) != (layer.out_features,):
+                raise CheckpointError(
+                    f"tensor '{b_key}' has shape {list(b_shape)} but config.json implies [{layer.out_features}]"
+                )
+            if b_dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor '{b_key}' is {b_dtype}; expected a floating-point type")
+        plans[module] = LinearPlan(shape, {p: k for p, (_, _, k) in got.items()}, fmt)
     if missing:
+        missing.sort()
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(
             f"the checkpoint lacks {len(missing)} tensors the config needs: "
             f"{', '.join(missing[:5])}{more}"
         )
-    return plan, unused
+    return LoadPlan(params, plans, unused)
 
 
 def _fill(
@@ -96,31 +178,34 @@ def _fill(
     backend: Backend,
     progress: ProgressFn | None,
 ) -> list[str]:
-    plan, unused = _plan(model, files, family)
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    # A Linear is handed to the backend once all its tensors have arrived (weight and bias
-    # may sit in different shards).
+    plan = plan_load(model, files, family)
+    owner = plan.owner
+    # A Linear is handed to the backend once all its tensors have arrived (weight, bias and
+    # quantization state may sit in different shards).
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    done = 0
+    done, total = 0, plan.n_tensors
     for key, tensor in iter_tensors(files):
-        name = plan.get(key)
-        if name is None:
-            continue
-        owner, _, attr = name.rpartition(".")  # owner "" is the model itself (image_newline)
-        if owner in linears:
-            parts = pending.setdefault(owner, {})
-            parts[attr] = tensor
-            needed = {"weight", "bias"} if linears[owner].bias is not None else {"weight"}
-            if needed <= parts.keys():
-                _replace_module(model, owner, backend.make_linear(owner, parts["weight"], parts.get("bias")))
-                del pending[owner]
-        else:
-            module = model.get_submodule(owner)
+        if key in plan.params:
+            name = plan.params[key]
+            module_name, _, attr = name.rpartition(".")  # "" is the model itself (image_newline)
+            module = model.get_submodule(module_name)
             module._parameters[attr] = nn.Parameter(backend.place(name, tensor), requires_grad=False)
+        elif key in owner:
+            module_name, part = owner[key]
+            lp = plan.linears[module_name]
+            got = pending.setdefault(module_name, {})
+            got[part] = tensor
+            if len(got) == len(lp.keys):
+                del pending[module_name]
+                bias = got.pop("bias", None)
+                weight = got["weight"] if lp.format == "dense" else QuantizedWeight(lp.format, lp.shape, got, module_name)
+                _replace_module(model, module_name, backend.make_linear(module_name, weight, bias))
+        else:
+            continue
         done += 1
         if progress:
-            progress(done, len(plan))
-    return unused
+            progress(done, total)
+    return plan.unused
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

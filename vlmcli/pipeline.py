@@ -21,6 +21,7 @@ from vlmcli.generate import Generation, SamplingOptions, Timings, generate
 from vlmcli.inputs import ImageInput
 from vlmcli.loader import LoadedModel, ProgressFn, load_model
 from vlmcli.preprocess import ImageProcessorConfig, load_image_with_notes, preprocess_anyres, preprocess_batch
+from vlmcli.quantization import read_quantization
 from vlmcli.sequence import Message, build_sequence, count_images, user_message
 from vlmcli.tokenizer import Tokenizer
 
@@ -79,8 +80,10 @@ class Pipeline:
         notice: Notice | None = None,
         download_progress: bool = True,
     ) -> "Pipeline":
-        chosen = backends.get_backend(backend)  # fails before anything is read or downloaded
+        backends.get_backend(backend)  # fails before anything is read or downloaded
         folder = checkpoint.resolve(model_ref, progress=download_progress)
+        # again, now knowing the checkpoint: auto picks a quantized checkpoint's own format
+        chosen = backends.get_backend(backend, read_quantization(checkpoint.read_config(folder)))
         loaded = load_model(folder, chosen, progress=progress)
         family = loaded.family
         tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.chat_template_for(loaded.config))

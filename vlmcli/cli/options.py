@@ -24,7 +24,11 @@ BackendName = Annotated[
         "--backend",
         "-b",
         envvar="VLM_BACKEND",
-        help="Where and how to run: auto, cpu.",
+        help=(
+            "Where and how to run: auto, cpu, cpu-bf16, cuda (fp16), bf16, int8, int4 (nf4); "
+            "bitsandbytes options after a colon, e.g. int4:fp4,dq or int8:threshold=4. auto: a "
+            "quantized model in its own format, else cuda when there is a GPU, else cpu."
+        ),
         show_envvar=True,
     ),
 ]

@@ -1,0 +1,363 @@
+"""int8 (LLM.int8) and 4-bit (nf4, fp4) weights through bitsandbytes' own modules and kernels.
+
+Quantizing happens while loading, one layer at a time: the loader hands over a layer's
+weight as it streams out of the checkpoint, it is quantized on the target device, and the
+full-precision copy is dropped before the next layer arrives. A checkpoint that is already
+quantized (written by `vlm convert` or by transformers' save_pretrained) is wrapped as it is.
+
+    int8  bnb.nn.Linear8bitLt over Int8Params: int8 weights with one scale per row;
+          activations are quantized per row on the fly, and input columns with a value
+          above the threshold (6.0) are computed in 16-bit (the LLM.int8 outlier split).
+    int4  bnb.nn.Linear4bit over Params4bit: two 4-bit codes per byte, one scale per 64
+          values (optionally quantized again: double quantization), computed in fp16 on a GPU,
+          fp32 on the CPU.
+
+The vision tower, projector and lm_head stay unquantized unless `all` is asked for.
+bitsandbytes takes seconds to import, so it is imported only when one of these runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from backends.base import LinearWeight, dense_linear
+from backends.cuda import cuda_unavailable_reason
+from vlmcli.errors import CheckpointError, UsageError
+from vlmcli.quantization import (
+    BLOCKSIZE,
+    FOUR_BIT_TYPES,
+    Quantization,
+    QuantizedWeight,
+    four_bit_bytes,
+    int8_bytes,
+    quantized_by_default,
+)
+
+MIN_VERSION = (0, 48)  # CPU kernels for int8 and 4-bit; tested with 0.50.2
+_DIST = "bitsandbytes"  # the package looked for (tests point it elsewhere to play "missing")
+
+
+def bnb_unavailable_reason() -> str | None:
+    """None when bitsandbytes can be imported and is recent enough, else why not. Cheap:
+    finds the package without importing it."""
+    if importlib.util.find_spec(_DIST) is None:
+        return "bitsandbytes is not installed (pip install 'bitsandbytes>=0.48')"
+    version = importlib.metadata.version(_DIST)
+    numbers = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if numbers < MIN_VERSION:
+        return f"bitsandbytes {version} is too old; vlm needs 0.48 or newer"
+    return None
+
+
+class _DropCastNotice(logging.Filter):
+    # MatMul8bitLt logs "inputs will be cast from torch.float32 to float16" on every call
+    # with fp32 activations, which is what int8 on the CPU means; it is noise there.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast from" not in record.getMessage()
+
+
+def _bnb():
+    import bitsandbytes
+
+    log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _DropCastNotice) for f in log.filters):
+        log.addFilter(_DropCastNotice())
+    return bitsandbytes
+
+
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS after a layer is quantized on the CPU.
+
+    Quantizing one layer makes fp32 temporaries of several times its size. glibc serves
+    blocks under 32 MB from its heap and keeps them when they are freed, scattered between
+    the small quantized tensors that stay; without this, a load's resident memory ends up
+    to 2x the quantized model (measured: 3.4 GB instead of 1.7 GB for benchmarks/
+    load_memory.py's int4), varying from run to run."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+# ---- quantizing and dequantizing single weights (used by `vlm convert` too) -----------------
+
+
+def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A weight (out, in) -> the tensors an int8 checkpoint stores for it."""
+    bnb = _bnb()
+    # Int8Params quantizes from fp16 the same way (row absmax of the fp16 weight).
+    codes, row_scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+    return {"weight": codes, "SCB": row_scales, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+
+
+def quantize_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool) -> dict[str, torch.Tensor]:
+    """A weight (out, in) -> the tensors a 4-bit checkpoint stores for it."""
+    bnb = _bnb()
+    packed, state = bnb.functional.quantize_4bit(
+        weight.contiguous(),
+        blocksize=BLOCKSIZE,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        quant_storage=torch.uint8,
+    )
+    tensors = {"weight": packed}
+    for key, value in state.as_dict(packed=True).items():
+        tensors[f"weight.{key}"] = value
+    return tensors
+
+
+def quantize(weight: torch.Tensor, fmt: str, double_quant: bool = False) -> QuantizedWeight:
+    out_f, in_f = weight.shape
+    tensors = quantize_int8(weight) if fmt == "int8" else quantize_4bit(weight, fmt, double_quant)
+    _release_freed_memory()
+    return QuantizedWeight(fmt, (out_f, in_f), tensors)
+
+
+def _quant_state(qw: QuantizedWeight, device: torch.device | str = "cpu"):
+    bnb = _bnb()
+    stats = {k: v for k, v in qw.tensors.items() if k != "weight"}
+    try:
+        state = bnb.functional.QuantState.from_dict(stats, device=torch.device(device))
+    except (ValueError, KeyError, AssertionError, UnicodeDecodeError) as e:
+        raise CheckpointError(
+            f"layer '{qw.name}' has an unreadable 4-bit quantization state ({e})", hint="re-download the model"
+        ) from None
+    if tuple(state.shape) != qw.shape or state.quant_type != qw.format:
+        raise CheckpointError(
+            f"layer '{qw.name}': its 4-bit quantization state says {state.quant_type} "
+            f"{list(state.shape)}, config.json implies {qw.format} {list(qw.shape)}"
+        )
+    return state
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """A quantized checkpoint weight -> a float32 (out, in) tensor on the CPU."""
+    bnb = _bnb()
+    if qw.format == "int8":
+        return bnb.functional.int8_vectorwise_dequant(qw.tensors["weight"], qw.tensors["SCB"]).float()
+    state = _quant_state(qw)
+    return bnb.functional.dequantize_4bit(qw.tensors["weight"], state).float()
+
+
+# ---- the backends ----------------------------------------------------------------------------
+
+
+class BnbBackend:
+    """What int8 and int4 share: the device, the unquantized dtype, which layers to quantize."""
+
+    name: str
+    format: str  # per-layer format: int8, nf4, fp4
+    method: str  # int8 | int4, as in quantization_config
+    double_quant = False  # int4 only: the per-block scales quantized too
+
+    def __init__(self, *, device: str | None = None, quantize_all: bool = False, prequantized: bool = False):
+        self._device = device  # None: the GPU when there is one, else the CPU
+        self.quantize_all = quantize_all
+        self.prequantized = prequantized  # the checkpoint is quantized: keep its layers as they are
+
+    @property
+    def device(self) -> torch.device:
+        if self._device:
+            return torch.device(self._device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.float32
+
+    @property
+    def description(self) -> str:
+        return f"{self._what()} on the {'GPU' if self.device.type == 'cuda' else 'CPU'}"
+
+    def _what(self) -> str:
+        raise NotImplementedError
+
+    def unavailable_reason(self) -> str | None:
+        reason = bnb_unavailable_reason()
+        if reason is None and self._device == "cuda":
+            reason = cuda_unavailable_reason()
+        return reason
+
+    def quantizes(self, name: str) -> bool:
+        """Whether a full-precision layer `name` is quantized while loading."""
+        return not self.prequantized and (self.quantize_all or quantized_by_default(name))
+
+    def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, self.dtype)
+
+    def make_linear(self, name: str, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
+        if isinstance(weight, QuantizedWeight):
+            if weight.format != self.format:
+                raise CheckpointError(f"layer '{name}' is stored as {weight.format}, the rest of the checkpoint as {self.format}")
+        elif not self.quantizes(name):
+            return dense_linear(self.place(name, weight), None if bias is None else self.place(name, bias))
+        layer = self._linear(weight, bias is not None)
+        if bias is not None:
+            layer.bias = nn.Parameter(self.place(name, bias), requires_grad=False)
+        if not isinstance(weight, QuantizedWeight) and self.device.type == "cpu":
+            _release_freed_memory()
+        return layer
+
+    def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
+        raise NotImplementedError
+
+    def _format_bytes(self, fmt: str, out_f: int, in_f: int) -> int:
+        if fmt == "int8":
+            return int8_bytes(out_f, in_f)
+        return four_bit_bytes(out_f, in_f, self.double_quant)
+
+    def linear_bytes(self, name: str, out_features: int, in_features: int, stored: str = "dense") -> int:
+        if stored != "dense":
+            return self._format_bytes(stored, out_features, in_features)
+        if self.quantizes(name):
+            return self._format_bytes(self.format, out_features, in_features)
+        return out_features * in_features * self.dtype.itemsize
+
+
+class Int8Backend(BnbBackend):
+    name = "int8"
+    format = "int8"
+    method = "int8"
+
+    def __init__(self, *, threshold: float = 6.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.threshold = threshold
+
+    def _what(self) -> str:
+        return f"int8 (LLM.int8, threshold {self.threshold:g})"
+
+    def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
+        bnb = _bnb()
+        out_f, in_f = weight.shape
+        layer = bnb.nn.Linear8bitLt(
+            in_f, out_f, bias=has_bias, has_fp16_weights=False, threshold=self.threshold, device="meta"
+        )
+        if isinstance(weight, QuantizedWeight):
+            param = bnb.nn.Int8Params(
+                weight.tensors["weight"], requires_grad=False, has_fp16_weights=False, SCB=weight.tensors["SCB"]
+            )
+        else:
+            param = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        layer.weight = param.to(self.device)  # a CPU weight is quantized by this move
+        return layer
+
+
+class Int4Backend(BnbBackend):
+    name = "int4"
+    method = "int4"
+
+    def __init__(self, *, quant_type: str = "nf4", double_quant: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        if quant_type not in FOUR_BIT_TYPES:
+            raise UsageError(f"unknown 4-bit type '{quant_type}' (choose from: nf4, fp4)")
+        self.quant_type = quant_type
+        self.double_quant = double_quant
+
+    @property
+    def format(self) -> str:
+        return self.quant_type
+
+    def _what(self) -> str:
+        return f"4-bit {self.quant_type}{' + double quant' if self.double_quant else ''}"
+
+    def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
+        bnb = _bnb()
+        out_f, in_f = weight.shape
+        layer = bnb.nn.Linear4bit(
+            in_f,
+            out_f,
+            bias=has_bias,
+            compute_dtype=self.dtype,
+            compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+            quant_storage=torch.uint8,
+            device="meta",
+        )
+        if isinstance(weight, QuantizedWeight):
+            _quant_state(weight)  # checks shape and type, with a readable error
+            layer.weight = bnb.nn.Params4bit.from_prequantized(
+                data=weight.tensors["weight"],
+                quantized_stats={k: v for k, v in weight.tensors.items() if k != "weight"},
+                requires_grad=False,
+                device=self.device,
+                module=layer,
+            )
+        else:
+            layer.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                blocksize=BLOCKSIZE,
+                compress_statistics=self.double_quant,
+                quant_type=self.quant_type,
+                quant_storage=torch.uint8,
+                module=layer,
+            ).to(self.device)  # quantized by this move
+        return layer
+
+
+def from_options(cls: type[BnbBackend], options: dict[str, str | None], checkpoint: Quantization | None) -> BnbBackend:
+    """A bnb backend from `-b int8:threshold=4` / `-b int4:fp4,dq,all` style options."""
+    kwargs: dict[str, Any] = {}
+    allowed = {"all", "device"} | ({"threshold"} if cls is Int8Backend else {"nf4", "fp4", "dq"})
+    for key, value in options.items():
+        if key not in allowed:
+            raise UsageError(f"backend '{cls.name}' has no option '{key}' (options: {', '.join(sorted(allowed))})")
+        flag = key in ("all", "nf4", "fp4", "dq")
+        if flag and value is not None:
+            raise UsageError(f"option '{key}' of backend '{cls.name}' takes no value")
+        if not flag and value is None:
+            raise UsageError(f"option '{key}' of backend '{cls.name}' needs a value ({key}=...)")
+    if "threshold" in options:
+        try:
+            kwargs["threshold"] = float(options["threshold"])
+        except ValueError:
+            raise UsageError(f"threshold must be a number, not '{options['threshold']}'") from None
+        if kwargs["threshold"] < 0:
+            raise UsageError("threshold must be 0 (no outlier split) or more")
+    if "device" in options:
+        if options["device"] not in ("cpu", "cuda"):
+            raise UsageError(f"device must be cpu or cuda, not '{options['device']}'")
+        kwargs["device"] = options["device"]
+    types = [t for t in FOUR_BIT_TYPES if t in options]
+    if len(types) > 1:
+        raise UsageError("choose one of nf4 and fp4")
+    if types:
+        kwargs["quant_type"] = types[0]
+    if "dq" in options:
+        kwargs["double_quant"] = True
+    kwargs["quantize_all"] = "all" in options
+
+    if checkpoint is not None:
+        if checkpoint.method != cls.method:
+            other = "int8" if checkpoint.method == "int8" else "int4"
+            raise UsageError(
+                f"this checkpoint is quantized to {checkpoint.format}: load it with -b {other} (or auto), "
+                f"or with -b cpu / -b cuda to dequantize it"
+            )
+        if cls is Int4Backend:
+            if types and types[0] != checkpoint.quant_type:
+                raise UsageError(f"this checkpoint is quantized to {checkpoint.quant_type}, not {types[0]}")
+            kwargs["quant_type"] = checkpoint.quant_type
+            kwargs["double_quant"] = checkpoint.double_quant
+        elif "threshold" not in kwargs:
+            kwargs["threshold"] = checkpoint.threshold
+        if kwargs["quantize_all"]:
+            raise UsageError("option 'all' quantizes while loading; this checkpoint is already quantized")
+        kwargs["prequantized"] = True
+    return cls(**kwargs)

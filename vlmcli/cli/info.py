@@ -1,0 +1,68 @@
+"""`vlm info MODEL`: architecture, parameter counts, image tokens and memory per backend."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vlmcli.cli import options
+from vlmcli.cli.console import state
+from vlmcli.info import human_bytes, human_count, model_info
+
+
+def info(
+    model: Annotated[str, typer.Argument(help="A local model folder, a hub repo id (id@revision), or 'demo'.", show_default=False)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    quiet: options.Quiet = False,
+) -> None:
+    """Describe a model and estimate its memory on each backend (no weights are loaded)."""
+    state.quiet = quiet
+    data = model_info(model, download_progress=not quiet)
+    if json_out:
+        print(json.dumps(data, indent=2))
+        return
+    out = Console(highlight=False, soft_wrap=True)
+    v, p, d, n = data["vision"], data["projector"], data["decoder"], data["parameters"]
+    ckpt = data["checkpoint"]
+    out.print(f"[bold]{data['model']}[/]  {data['family']} ({data['model_type']})")
+    out.print(
+        f"  vision     {v['type']}: {v['image_size']} px, patch {v['patch_size']}, width {v['width']}, "
+        f"{v['layers_used']} of {v['layers']} layers used, features from layer(s) "
+        f"{', '.join(map(str, v['feature_layers']))} ({v['select_strategy']})  {human_count(n['vision'])} params"
+    )
+    out.print(f"  projector  {p['type']} ({p['activation']}), {p['in']} -> {p['out']}  {human_count(n['projector'])} params")
+    tied = ", tied embeddings" if d["tied_embeddings"] else ""
+    out.print(
+        f"  decoder    {d['type']}: {d['layers']} layers, width {d['width']}, {d['heads']} heads / "
+        f"{d['kv_heads']} KV heads, MLP {d['mlp']}, vocab {d['vocab']}, context {d['context']}{tied}  "
+        f"{human_count(n['decoder'])} params"
+    )
+    out.print(f"  total      {human_count(n['total'])} parameters; {data['image_tokens']} tokens per image")
+    out.print(
+        f"  checkpoint {ckpt['format']}, {human_bytes(ckpt['bytes'])} in {ckpt['files']} file"
+        f"{'s' if ckpt['files'] != 1 else ''}"
+    )
+    table = Table(title="estimated memory: weights, and KV cache per 1,000 tokens", title_justify="left")
+    for column, justify in (("backend", "left"), ("runs as", "left"), ("weights", "right"), ("KV cache", "right"), ("here", "left")):
+        table.add_column(column, justify=justify)
+    reasons: dict[str, list[str]] = {}
+    for row in data["backends"]:
+        if not row["available"]:
+            reasons.setdefault(row["reason"], []).append(row["backend"])
+        if "weights_bytes" not in row:
+            table.add_row(row["backend"], "-", "-", "-", "no")
+            continue
+        table.add_row(
+            row["backend"],
+            row["description"],
+            human_bytes(row["weights_bytes"]),
+            human_bytes(row["kv_cache_bytes_per_1k_tokens"]),
+            "yes" if row["available"] else "no",
+        )
+    out.print(table)
+    for reason, names in reasons.items():
+        out.print(f"  {', '.join(names)}: {reason}")

@@ -1,0 +1,327 @@
+"""`vlm convert`: rewrite a checkpoint as int8 / nf4 / fp4 (bitsandbytes) or fp16 / bf16.
+
+The output is what transformers' `save_pretrained` writes for a bitsandbytes-quantized
+model (see vlmcli/quantization.py for the tensor names and `quantization_config`), so
+transformers loads it as such, and `vlm` loads it without quantizing again.
+
+    source tensors, streamed one at a time
+      -> Linear layers of the decoder: quantized (or cast); everything else: cast or kept
+      -> safetensors shards in a temporary folder beside OUTPUT
+    + config.json with quantization_config, the tokenizer / template / preprocessor files,
+      vlm_provenance.json (source, revision, tool version, date)
+      -> fsync, then renamed to OUTPUT in one step
+
+A failure or Ctrl-C at any point leaves OUTPUT as it was and no temporary folder behind.
+Memory holds one layer at a time (plus bitsandbytes' working copy of it), not the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from backends import bnb  # not bitsandbytes itself: that is imported when first used
+from vlmcli import __version__, checkpoint
+from vlmcli.errors import UsageError, VlmError
+from vlmcli.families import family_for
+from vlmcli.loader import LoadPlan, plan_load
+from vlmcli.model.multimodal import VisionLanguageModel
+from vlmcli.quantization import (
+    SKIP_MODULES_HF,
+    Quantization,
+    QuantizedWeight,
+    quantized_by_default,
+    read_quantization,
+)
+
+TARGETS = ("int8", "nf4", "fp4", "fp16", "bf16")
+PROVENANCE_NAME = "vlm_provenance.json"
+DEFAULT_MAX_SHARD = "5GB"
+
+_FLOAT_TARGETS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Files never copied: weights are rewritten, config.json and the provenance file are
+# written anew, and pickles and code are not ours to carry along.
+_SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".py", ".pyc"}
+_SKIP_NAMES = {"config.json", checkpoint.INDEX_NAME, PROVENANCE_NAME}
+_SNAPSHOT = re.compile(r"[0-9a-f]{40}")
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    to: str
+    double_quant: bool = False  # nf4 / fp4: quantize the per-block scales too
+    threshold: float = 6.0  # int8: LLM.int8 outlier threshold, recorded in the config
+    quantize_all: bool = False  # also the vision tower, projector and lm_head
+    max_shard_bytes: int = 5 * 10**9
+    force: bool = False  # replace an existing OUTPUT
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    files: list[str]
+    bytes_written: int
+    quantized_layers: int
+    unquantized_layers: int
+
+
+def convert(
+    source: str,
+    output: Path,
+    opts: ConvertOptions,
+    *,
+    progress: ProgressFn | None = None,
+    download_progress: bool = True,
+) -> ConvertResult:
+    if opts.to not in TARGETS:
+        raise UsageError(f"unknown --to '{opts.to}' (choose from: {', '.join(TARGETS)})")
+    output = Path(output).expanduser()
+    local = Path(source).expanduser()
+    if local.is_dir():
+        _refuse_same(local, output)
+    _refuse_existing(output, opts.force)
+    quantized_target = opts.to in ("int8", "nf4", "fp4")
+    if quantized_target and (reason := bnb.bnb_unavailable_reason()):
+        raise UsageError(f"converting to {opts.to} needs bitsandbytes: {reason}")
+
+    folder = checkpoint.resolve(source, progress=download_progress)
+    _refuse_same(folder, output)
+    raw = checkpoint.read_config(folder)
+    family = family_for(raw)
+    cfg = family.parse_config(raw)
+    source_quant = read_quantization(raw)
+    if source_quant is not None and (reason := bnb.bnb_unavailable_reason()):
+        raise UsageError(f"the source is {source_quant.describe()}; reading it needs {reason}")
+    # Plan over every block of the vision tower, not only those a LLaVA runs: the output
+    # must hold (and quantize alike) everything transformers will look for.
+    full = dataclasses.replace(cfg, vision_feature_layers=(cfg.vision.n_layers,))
+    with torch.device("meta"):
+        model = VisionLanguageModel(full)
+    files = checkpoint.weight_files(folder)
+    plan = plan_load(model, files, family)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        tied = cfg.text.tie_word_embeddings
+        result = _write(folder, files, plan, raw, tied, source, source_quant, tmp, opts, progress)
+        _sync_dir(tmp)
+        _move_into_place(tmp, output)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise VlmError(f"could not write {output}: {e.strerror or e}") from None
+        raise
+    result.output = output
+    return result
+
+
+def _refuse_same(source: Path, output: Path) -> None:
+    src, out = source.resolve(), output.resolve()
+    if src == out:
+        raise UsageError("OUTPUT is the SOURCE folder; write the converted model to a new folder")
+    if out in src.parents:
+        raise UsageError(f"OUTPUT '{output}' contains the source model; choose another folder")
+
+
+def _refuse_existing(output: Path, force: bool) -> None:
+    if not output.exists() and not output.is_symlink():
+        return
+    if not force:
+        raise UsageError(f"'{output}' already exists (pass --force to replace it)")
+    if not output.is_dir() or output.is_symlink():
+        raise UsageError(f"'{output}' is not a folder; refusing to replace it")
+    if any(output.iterdir()) and not (output / "config.json").exists():
+        raise UsageError(f"'{output}' is not a model folder (no config.json); refusing to replace it")
+
+
+def _storage_dtype(files: checkpoint.WeightFiles, plan: LoadPlan) -> torch.dtype:
+    """The dtype the source keeps its unquantized tensors in (that of its embeddings)."""
+    shapes = checkpoint.tensor_shapes(files)
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float32}
+    biggest = max(plan.params, key=lambda k: math.prod(shapes[k][0]), default=None)
+    return names.get(shapes[biggest][1], torch.float32) if biggest else torch.float32
+
+
+def _write(
+    folder: Path,
+    files: checkpoint.WeightFiles,
+    plan: LoadPlan,
+    raw: dict,
+    tied: bool,
+    source_ref: str,
+    source_quant: Quantization | None,
+    out: Path,
+    opts: ConvertOptions,
+    progress: ProgressFn | None,
+) -> ConvertResult:
+    quantized_target = opts.to in ("int8", "nf4", "fp4")
+    float_dtype = _FLOAT_TARGETS.get(opts.to) or _storage_dtype(files, plan)
+
+    def quantizes(module: str) -> bool:
+        return quantized_target and (opts.quantize_all or quantized_by_default(module))
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(float_dtype) if t.is_floating_point() else t
+
+    owner = plan.owner
+    writer = checkpoint.ShardedWriter(out, opts.max_shard_bytes)
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    n_quantized = n_kept = 0
+    total = len(checkpoint.tensor_shapes(files))
+    for done, (key, tensor) in enumerate(checkpoint.iter_tensors(files), start=1):
+        if key not in owner:  # not a Linear layer (or not one we model): cast floats, keep the rest
+            writer.add(key, cast(tensor))
+        else:
+            module, part = owner[key]
+            lp = plan.linears[module]
+            got = pending.setdefault(module, {})
+            got[part] = tensor
+            if len(got) == len(lp.keys):
+                del pending[module]
+                prefix = lp.keys["weight"][: -len(".weight")]
+                bias = got.pop("bias", None)
+                if bias is not None:
+                    writer.add(lp.keys["bias"], cast(bias))
+                nested = "weight.nested_absmax" in got
+                if quantizes(module) and lp.format == opts.to and (opts.to == "int8" or nested == opts.double_quant):
+                    tensors = got  # already in the asked format: copied, not quantized twice
+                else:
+                    weight = got["weight"] if lp.format == "dense" else bnb.dequantize(QuantizedWeight(lp.format, lp.shape, got, module))
+                    if quantizes(module):
+                        source_dtype = got["weight"].dtype if lp.format == "dense" else float_dtype
+                        tensors = bnb.quantize(weight.to(source_dtype), opts.to, opts.double_quant).tensors
+                    else:
+                        tensors = {"weight": cast(weight)}
+                for part_name, value in tensors.items():
+                    writer.add(f"{prefix}.{part_name}", value)
+                if quantizes(module):
+                    n_quantized += 1
+                else:
+                    n_kept += 1
+        if progress:
+            progress(done, total)
+    written = writer.close()
+
+    config = {k: v for k, v in raw.items() if k != "quantization_config"}
+    dtype_name = str(float_dtype).removeprefix("torch.")
+    _set_dtype(config, dtype_name)
+    if quantized_target:
+        config["quantization_config"] = _quantization(opts, dtype_name, tied).to_config()
+    checkpoint.write_json(out / "config.json", config)
+    copied = _copy_side_files(folder, out)
+    checkpoint.write_json(out / PROVENANCE_NAME, _provenance(folder, source_ref, source_quant, opts))
+    names = sorted([p.name for p in written] + ["config.json", PROVENANCE_NAME] + copied)
+    return ConvertResult(out, names, writer.total_size, n_quantized, n_kept)
+
+
+def _quantization(opts: ConvertOptions, dtype_name: str, tied: bool) -> Quantization:
+    skip: list[str] = []
+    if not opts.quantize_all:
+        skip += [*SKIP_MODULES_HF["vision"], *SKIP_MODULES_HF["projector"]]
+    if not opts.quantize_all or tied:  # a tied lm_head shares the (unquantized) embeddings
+        skip += list(SKIP_MODULES_HF["lm_head"])
+    if opts.to == "int8":
+        return Quantization("int8", threshold=opts.threshold, compute_dtype=dtype_name, skip_modules=tuple(skip))
+    return Quantization(
+        "int4", quant_type=opts.to, double_quant=opts.double_quant, threshold=opts.threshold,
+        compute_dtype=dtype_name, skip_modules=tuple(skip),
+    )
+
+
+def _set_dtype(config: dict, dtype_name: str) -> None:
+    """Record the unquantized dtype where the source kept it (`dtype`, or the older `torch_dtype`)."""
+    for cfg in (config, config.get("text_config"), config.get("vision_config")):
+        if not isinstance(cfg, dict):
+            continue
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = dtype_name
+    if "dtype" not in config and "torch_dtype" not in config:
+        config["dtype"] = dtype_name
+
+
+def _copy_side_files(folder: Path, out: Path) -> list[str]:
+    """Tokenizer, chat template, preprocessor and generation settings, model card: every
+    top-level file that is not weights, code or a file written anew."""
+    copied = []
+    for path in sorted(folder.iterdir()):
+        if (
+            not path.is_file()
+            or path.name.startswith(".")
+            or path.suffix in _SKIP_SUFFIXES
+            or path.name in _SKIP_NAMES
+        ):
+            continue
+        with open(path, "rb") as src, open(out / path.name, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        copied.append(path.name)
+    return copied
+
+
+def _provenance(folder: Path, source_ref: str, source_quant: Quantization | None, opts: ConvertOptions) -> dict:
+    local = Path(source_ref).expanduser()
+    _, revision = checkpoint.parse_model_ref(source_ref)
+    # A hub download lives in .../snapshots/<commit>/: the commit pins exactly what was read.
+    commit = folder.name if _SNAPSHOT.fullmatch(folder.name) and folder.parent.name == "snapshots" else None
+    record = {
+        "tool": f"vlm {__version__}",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(local.resolve()) if local.is_dir() else source_ref,
+        "revision": None if local.is_dir() else revision,
+        "commit": commit,
+        "source_format": source_quant.format if source_quant else "unquantized",
+        "to": opts.to,
+        "options": {
+            "double_quant": opts.double_quant,
+            "threshold": opts.threshold,
+            "quantize_all": opts.quantize_all,
+            "max_shard_bytes": opts.max_shard_bytes,
+        },
+    }
+    previous = folder / PROVENANCE_NAME
+    if previous.exists():
+        record["previous"] = checkpoint.read_json(previous)
+    return record
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    """Rename the finished folder to OUTPUT; an existing OUTPUT (with --force) is moved aside
+    first and deleted only once the new one is in place."""
+    old = None
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        output.rename(old / output.name)
+    tmp.chmod(0o755)  # mkdtemp made it private; the result is an ordinary folder
+    try:
+        tmp.rename(output)
+    except BaseException:
+        if old is not None:  # put the previous OUTPUT back
+            (old / output.name).rename(output)
+            old.rmdir()
+        raise
+    _sync_dir(output.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
