@@ -107,7 +107,8 @@ class ChatSession:
                 pipe.tokenizer,
                 messages,
                 image_token_id=pipe.config.image_token_id,
-                tokens_per_image=pipe.tokens_per_image,
+                # each image's own count: LLaVA-NeXT / OneVision counts depend on the image
+                tokens_per_image=[v.shape[0] for v in self._visual],
                 context_length=self.context_length,
             )
         except ContextLengthError as e:

@@ -6,7 +6,9 @@ dispatched on its own `model_type`, so a LLaVA with another vision tower or deco
 a parser here and an entry in `families.py`.
 
 Defaults are the ones `transformers` applies when a key is absent: real checkpoints
-(llava-hf/llava-1.5-7b-hf among them) write only the keys that differ from those defaults.
+(llava-hf/llava-1.5-7b-hf among them) write only the keys that differ from those defaults,
+and each architecture has its own (a Mistral config without `sliding_window` means 4096, a
+Gemma one without `head_dim` means 256), so the tables below are per `model_type`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmcli import anyres
 from vlmcli.errors import CheckpointError, UnsupportedModelError
 
 
@@ -30,9 +33,11 @@ class VisionConfig:
     n_heads: int = 12
     d_ff: int = 3072  # hidden width of each block's MLP
     norm_eps: float = 1e-5
-    activation: str = "quick_gelu"  # CLIP was trained with x * sigmoid(1.702 x)
+    activation: str = "quick_gelu"  # CLIP was trained with x * sigmoid(1.702 x); SigLIP uses GELU-tanh
     num_channels: int = 3
     class_token: bool = True  # CLIP prepends a learned [CLS]; SigLIP has none
+    pre_layernorm: bool = True  # CLIP normalises the embeddings before block 1; SigLIP does not
+    patch_bias: bool = False  # SigLIP's patch-embedding conv has a bias, CLIP's has none
 
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
@@ -62,8 +67,27 @@ class ProjectionConfig:
 
 
 @dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding: base period and an optional scaling of the frequencies.
+
+    `rope_type` is one of transformers' names: default, linear, dynamic (NTK), yarn, llama3.
+    `params` holds that type's settings as the config gives them (factor, low_freq_factor,
+    original_max_position_embeddings, beta_fast, ...), after transformers' standardisation.
+    """
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+
+@dataclass(frozen=True)
 class TextConfig:
-    """A LLaMA-family decoder (RMSNorm, RoPE, grouped-query attention, gated MLP)."""
+    """A LLaMA-family decoder (RMSNorm, RoPE, grouped-query attention, gated MLP).
+
+    Llama, Mistral, Qwen2 and Gemma differ only in the switches below."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -75,15 +99,64 @@ class TextConfig:
     d_ff: int = 11008
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # None or {"rope_type": "default"} = plain RoPE
+    rope: RopeConfig = RopeConfig()
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v only; Llama's attention_bias sets both
+    o_bias: bool = False
     mlp_bias: bool = False
-    activation: str = "silu"
+    activation: str = "silu"  # the gate's activation: SwiGLU (silu) or GeGLU (gelu_pytorch_tanh)
+    # Mistral: every layer sees only the last `sliding_window` keys. Qwen2: the layers its
+    # `layer_types` marks "sliding_attention" (sliding_layers), else those from
+    # max_window_layers on (sliding_from).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None
+    sliding_from: int = 0
+    embedding_multiplier: float = 1.0  # Gemma scales token embeddings by sqrt(d_model)
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
+
+    @property
+    def rope_scaling(self) -> dict[str, Any] | None:
+        """The RoPE scaling settings as a dict (None for plain RoPE)."""
+        if self.rope.rope_type == "default":
+            return None
+        return {"rope_type": self.rope.rope_type, **dict(self.rope.params)}
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the decoder is meant for. Dynamic NTK scaling stretches the
+        trained length by its factor at run time; every other type states the final length
+        in max_position_embeddings."""
+        if self.rope.rope_type == "dynamic":
+            return int(self.max_position_embeddings * float(self.rope.get("factor", 1.0)))
+        return self.max_position_embeddings
+
+    def window_for(self, layer: int) -> int | None:
+        if self.sliding_layers is not None:
+            return self.sliding_window if layer in self.sliding_layers else None
+        return self.sliding_window if layer >= self.sliding_from else None
+
+
+@dataclass(frozen=True)
+class AnyresConfig:
+    """LLaVA-NeXT / OneVision high-resolution input: a base view plus tiles of a best grid.
+
+    Every tile and the base view are `tile` pixels square (the vision tower's input size).
+    The tiles' features are stitched back into one feature map, cropped to the image's
+    aspect ratio ("unpadding"), optionally shrunk to about `max_tiles` tiles' worth of
+    features (OneVision's anyres_max_N), and each row ends with the learned image_newline.
+    """
+
+    grid_pinpoints: tuple[tuple[int, int], ...]  # candidate (height, width) resolutions
+    tile: int  # pixels per tile side: the vision tower's image_size
+    patches_per_side: int  # features per tile side: image_size // patch_size
+    max_tiles: int | None = None  # OneVision's anyres_max_N; None for LLaVA-NeXT
+    # OneVision: an image that shares its prompt with other images gets the base view only
+    # (padded to a square), followed by a single image_newline.
+    base_only_when_several: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,15 +169,37 @@ class MultiModalConfig:
     # hidden_states indices of the vision tower to use (0 = embeddings, i = after block i;
     # negative counts from the end as in Python). Several are concatenated on the last dim.
     vision_feature_layers: tuple[int, ...] = (-2,)
-    vision_feature_select_strategy: str = "default"  # default drops [CLS]; full keeps it
+    # default drops the first position ([CLS] for CLIP; for a tower without one, transformers
+    # drops the first patch all the same); full keeps everything
+    vision_feature_select_strategy: str = "default"
+    anyres: AnyresConfig | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
+    def tokens_per_view(self) -> int:
+        """Visual tokens one vision-tower pass (one image, or one tile) yields."""
+        n = self.vision.num_positions()
+        return n - 1 if self.vision_feature_select_strategy == "default" else n
+
     def max_visual_tokens(self) -> int:
-        """Visual tokens one image becomes (one per patch, plus [CLS] under `full`)."""
-        n = self.vision.num_patches()
-        if self.vision.class_token and self.vision_feature_select_strategy == "full":
-            n += 1
-        return n
+        """Visual tokens per image: exact for a plain LLaVA; for anyres families an upper
+        bound (the largest grid, before unpadding), since the count depends on the image."""
+        if self.anyres is None:
+            return self.tokens_per_view()
+        return max(self.image_tokens(h, w) for h, w in self.anyres.grid_pinpoints)
+
+    def image_tokens(self, height: int, width: int, n_images: int = 1) -> int:
+        """Visual tokens an image of `height` x `width` pixels becomes, in a prompt holding
+        `n_images` images (OneVision treats images differently when there are several)."""
+        base = self.tokens_per_view()
+        a = self.anyres
+        if a is None:
+            return base
+        if a.base_only_when_several and n_images > 1:
+            return base + 1  # the base view and one image_newline
+        rows, cols = anyres.feature_grid(
+            (height, width), a.grid_pinpoints, a.tile, a.patches_per_side, a.max_tiles
+        )
+        return base + rows * cols + rows  # every row of the grid ends with image_newline
 
     def vision_layers_needed(self) -> int:
         """How many encoder blocks must run: the deepest selected hidden state."""
@@ -151,6 +246,14 @@ class MultiModalConfig:
             )
         if t.head_dim % 2:
             raise CheckpointError(f"config.json: head_dim {t.head_dim} must be even for rotary embeddings")
+        if t.rope.rope_type in ("dynamic", "yarn") and (t.head_dim < 4 or t.rope.theta == 1):
+            # both formulas divide by (head_dim - 2) or log(theta)
+            raise CheckpointError(
+                f"config.json: {t.rope.rope_type} RoPE needs head_dim >= 4 and rope_theta != 1 "
+                f"(got {t.head_dim}, {t.rope.theta})"
+            )
+        if t.sliding_window is not None:
+            _positive("text_config", sliding_window=t.sliding_window)
         for name, value in (("rms_norm_eps", t.norm_eps), ("rope_theta", t.rope_theta),
                             ("layer_norm_eps", v.norm_eps)):
             if not math.isfinite(value) or value <= 0:
@@ -180,27 +283,55 @@ def _require(cfg: dict[str, Any], key: str, where: str) -> Any:
     return cfg[key]
 
 
+def _get(cfg: dict[str, Any], defaults: dict[str, Any], key: str) -> Any:
+    """cfg[key], or the architecture's default when the key is absent or null."""
+    value = cfg.get(key)
+    return defaults.get(key) if value is None else value
+
+
+# transformers' CLIPVisionConfig / SiglipVisionConfig defaults (what a sparse config omits).
+_VISION_DEFAULTS: dict[str, dict[str, Any]] = {
+    "clip_vision_model": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5, num_channels=3,
+    ),
+    "siglip_vision_model": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, num_channels=3,
+    ),
+}
+
+
 def vision_from_hf(cfg: dict[str, Any]) -> VisionConfig:
     model_type = cfg.get("model_type", "clip_vision_model")
-    if model_type != "clip_vision_model":
+    if model_type not in _VISION_DEFAULTS:
         raise UnsupportedModelError(
             f"vision tower of model_type '{model_type}' is not supported "
-            f"(supported: clip_vision_model)"
+            f"(supported: {', '.join(sorted(_VISION_DEFAULTS))})"
         )
-    defaults = VisionConfig()
-    return VisionConfig(
+    d = _VISION_DEFAULTS[model_type]
+    siglip = model_type == "siglip_vision_model"
+    vision = VisionConfig(
         model_type=model_type,
-        image_size=int(cfg.get("image_size", defaults.image_size)),
-        patch_size=int(cfg.get("patch_size", defaults.patch_size)),
-        d_vision=int(cfg.get("hidden_size", defaults.d_vision)),
-        n_layers=int(cfg.get("num_hidden_layers", defaults.n_layers)),
-        n_heads=int(cfg.get("num_attention_heads", defaults.n_heads)),
-        d_ff=int(cfg.get("intermediate_size", defaults.d_ff)),
-        norm_eps=float(cfg.get("layer_norm_eps", defaults.norm_eps)),
-        activation=cfg.get("hidden_act", defaults.activation),
-        num_channels=int(cfg.get("num_channels", defaults.num_channels)),
-        class_token=True,
+        image_size=int(_get(cfg, d, "image_size")),
+        patch_size=int(_get(cfg, d, "patch_size")),
+        d_vision=int(_get(cfg, d, "hidden_size")),
+        n_layers=int(_get(cfg, d, "num_hidden_layers")),
+        n_heads=int(_get(cfg, d, "num_attention_heads")),
+        d_ff=int(_get(cfg, d, "intermediate_size")),
+        norm_eps=float(_get(cfg, d, "layer_norm_eps")),
+        activation=_get(cfg, d, "hidden_act"),
+        num_channels=int(_get(cfg, d, "num_channels")),
+        class_token=not siglip,
+        pre_layernorm=not siglip,
+        patch_bias=siglip,
     )
+    if vision.d_vision % vision.n_heads:
+        raise CheckpointError(
+            f"config.json: vision hidden_size {vision.d_vision} is not a multiple of "
+            f"num_attention_heads {vision.n_heads}"
+        )
+    return vision
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
@@ -211,45 +342,189 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+# transformers' LlamaConfig / MistralConfig / Qwen2Config / GemmaConfig defaults (5.x; the
+# same values as the 4.x releases the llava-hf configs were written with).
+_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+        max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    ),
+    "mistral": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=None, hidden_act="silu",
+        max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        sliding_window=4096, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+    ),
+    "qwen2": dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=None, hidden_act="silu",
+        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    ),
+    "gemma": dict(
+        vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=16, head_dim=256, hidden_act="gelu_pytorch_tanh",
+        max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        attention_bias=False, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+    ),
+}
+
+SUPPORTED_TEXT_MODEL_TYPES = tuple(sorted(_TEXT_DEFAULTS))
+SUPPORTED_ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "yarn")
+
+
+def text_default(model_type: str, key: str) -> Any:
+    """The architecture's default for `key` (e.g. whether Gemma ties its embeddings)."""
+    return _TEXT_DEFAULTS.get(model_type, {}).get(key)
+
+
+def _rope_from_hf(cfg: dict[str, Any], max_position_embeddings: int) -> RopeConfig:
+    """RoPE settings as transformers standardises them (convert_rope_params_to_dict).
+
+    transformers 5 writes `rope_parameters` (theta inside); older configs keep `rope_theta`
+    and `rope_scaling` at the top level, and `rope_scaling` wins when both are present. An
+    old-style `type` key is read as `rope_type`; llama3 and yarn default
+    original_max_position_embeddings to max_position_embeddings.
+    """
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        theta = cfg.get("rope_theta", 10000.0)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"RoPE scaling '{rope_type}' is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedModelError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported")
+    if rope_type in ("llama3", "yarn"):
+        if cfg.get("original_max_position_embeddings") is not None:
+            params["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", max_position_embeddings)
+    required = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(rope_type, ())
+    for key in required:
+        if key not in params:
+            raise CheckpointError(f"config.json: RoPE scaling '{rope_type}' needs '{key}'")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        value = params.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0
+        ):
+            raise CheckpointError(f"config.json: RoPE scaling '{rope_type}' has {key} {value!r}; expected a positive number")
+    if rope_type == "llama3" and params["low_freq_factor"] == params["high_freq_factor"]:
+        raise CheckpointError("config.json: llama3 RoPE scaling needs low_freq_factor != high_freq_factor")
+    if rope_type == "default":
+        params = {}
+    return RopeConfig(theta=float(theta), rope_type=rope_type, params=tuple(sorted(params.items())))
+
+
 def text_from_hf(cfg: dict[str, Any]) -> TextConfig:
     model_type = cfg.get("model_type", "llama")
-    if model_type != "llama":
+    if model_type not in _TEXT_DEFAULTS:
         raise UnsupportedModelError(
-            f"decoder of model_type '{model_type}' is not supported (supported: llama)"
+            f"decoder of model_type '{model_type}' is not supported "
+            f"(supported: {', '.join(SUPPORTED_TEXT_MODEL_TYPES)})"
         )
-    d = TextConfig()
-    d_model = int(cfg.get("hidden_size", d.d_model))
-    n_heads = int(cfg.get("num_attention_heads", d.n_heads))
-    n_kv = cfg.get("num_key_value_heads") or n_heads
-    head_dim = cfg.get("head_dim") or d_model // n_heads
-    # transformers 5 nests RoPE settings in rope_parameters; older configs keep rope_theta and
-    # rope_scaling at the top level.
-    rope = dict(cfg.get("rope_parameters") or {})
-    rope_theta = float(rope.get("rope_theta", cfg.get("rope_theta", d.rope_theta)))
-    scaling = cfg.get("rope_scaling") or {k: v for k, v in rope.items() if k != "rope_theta"}
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
-        raise UnsupportedModelError(
-            f"RoPE scaling '{scaling.get('rope_type', scaling.get('type'))}' is not supported yet "
-            f"(supported: default)"
-        )
+    d = _TEXT_DEFAULTS[model_type]
+    d_model = int(_get(cfg, d, "hidden_size"))
+    n_heads = int(_get(cfg, d, "num_attention_heads"))
+    n_kv = int(_get(cfg, d, "num_key_value_heads") or n_heads)
+    head_dim = int(_get(cfg, d, "head_dim") or d_model // n_heads)
+    n_layers = int(_get(cfg, d, "num_hidden_layers"))
+    max_pos = int(_get(cfg, d, "max_position_embeddings"))
+    activation = _get(cfg, d, "hidden_act")
+    qkv_bias = o_bias = bool(_get(cfg, d, "attention_bias") or False)
+    sliding_window, sliding_layers, sliding_from = None, None, 0
+    multiplier, norm_offset = 1.0, 0.0
+    if model_type == "mistral":
+        # Mistral ignores `layer_types`: the window (if any) applies to every layer.
+        sliding_window = cfg.get("sliding_window", d["sliding_window"])
+    elif model_type == "qwen2":
+        qkv_bias, o_bias = True, False  # fixed by the architecture, not configurable
+        if _get(cfg, d, "use_sliding_window"):
+            sliding_window = cfg.get("sliding_window", d["sliding_window"])
+        layer_types = cfg.get("layer_types")
+        if layer_types is not None:
+            sliding_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+        else:  # transformers: layer i slides when i >= max_window_layers
+            sliding_from = max(0, min(int(_get(cfg, d, "max_window_layers")), n_layers))
+    elif model_type == "gemma":
+        if activation == "gelu":  # transformers reads Gemma's legacy "gelu" as the tanh approximation
+            activation = "gelu_pytorch_tanh"
+        multiplier = d_model**0.5
+        norm_offset = 1.0
+    if sliding_layers == () or sliding_from >= n_layers:
+        sliding_window = None  # no layer slides
+    if sliding_window is None:
+        sliding_layers, sliding_from = None, 0
+    rope = _rope_from_hf(cfg, max_pos)
+
     return TextConfig(
         model_type=model_type,
-        vocab_size=int(cfg.get("vocab_size", d.vocab_size)),
+        vocab_size=int(_get(cfg, d, "vocab_size")),
         d_model=d_model,
-        n_layers=int(cfg.get("num_hidden_layers", d.n_layers)),
+        n_layers=n_layers,
         n_heads=n_heads,
-        n_kv_heads=int(n_kv),
-        head_dim=int(head_dim),
-        d_ff=int(cfg.get("intermediate_size", d.d_ff)),
-        norm_eps=float(cfg.get("rms_norm_eps", d.norm_eps)),
-        rope_theta=rope_theta,
-        rope_scaling=None,
-        max_position_embeddings=int(cfg.get("max_position_embeddings", d.max_position_embeddings)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        activation=cfg.get("hidden_act", d.activation),
-        bos_token_id=cfg.get("bos_token_id", d.bos_token_id),
-        eos_token_ids=_eos_ids(cfg.get("eos_token_id", 2)),
-        pad_token_id=cfg.get("pad_token_id"),
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        d_ff=int(_get(cfg, d, "intermediate_size")),
+        norm_eps=float(_get(cfg, d, "rms_norm_eps")),
+        rope=rope,
+        rope_theta=rope.theta,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(_get(cfg, d, "tie_word_embeddings")),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(_get(cfg, d, "mlp_bias") or False),
+        activation=activation,
+        sliding_window=None if sliding_window is None else int(sliding_window),
+        sliding_layers=sliding_layers,
+        sliding_from=sliding_from,
+        embedding_multiplier=multiplier,
+        norm_offset=norm_offset,
+        bos_token_id=cfg.get("bos_token_id", d["bos_token_id"]),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id", d["eos_token_id"])),
+        pad_token_id=cfg.get("pad_token_id", d["pad_token_id"]),
+    )
+
+
+def anyres_from_hf(
+    cfg: dict[str, Any], vision: VisionConfig, default_pinpoints: list[list[int]], vision_aspect_ratio: str | None
+) -> AnyresConfig:
+    """The anyres settings of a llava_next / llava_onevision config."""
+    pinpoints = cfg.get("image_grid_pinpoints") or default_pinpoints
+    try:
+        grid = tuple((int(h), int(w)) for h, w in pinpoints)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json: image_grid_pinpoints must be [height, width] pairs, got {pinpoints!r}") from None
+    tile = vision.image_size
+    bad = [p for p in grid if p[0] % tile or p[1] % tile or min(p) <= 0]
+    if not grid or bad:
+        raise CheckpointError(
+            f"config.json: image_grid_pinpoints {list(map(list, bad or grid))} are not whole multiples "
+            f"of the vision tower's {tile} px input"
+        )
+    max_tiles = None
+    if vision_aspect_ratio is not None:
+        prefix = "anyres_max_"
+        if not (vision_aspect_ratio.startswith(prefix) and vision_aspect_ratio[len(prefix):].isdigit()):
+            raise UnsupportedModelError(
+                f"vision_aspect_ratio '{vision_aspect_ratio}' is not supported (supported: anyres_max_N)"
+            )
+        max_tiles = int(vision_aspect_ratio[len(prefix):])
+        if max_tiles < 1:
+            raise CheckpointError(f"config.json: vision_aspect_ratio '{vision_aspect_ratio}' allows no tiles")
+    return AnyresConfig(
+        grid_pinpoints=grid,
+        tile=tile,
+        patches_per_side=vision.image_size // vision.patch_size,
+        max_tiles=max_tiles,
+        base_only_when_several=vision_aspect_ratio is not None,
     )

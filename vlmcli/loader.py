@@ -187,7 +187,7 @@ def _fill(
     for key, tensor in iter_tensors(files):
         if key in plan.params:
             name = plan.params[key]
-            module_name, attr = name.rsplit(".", 1)
+            module_name, _, attr = name.rpartition(".")  # "" is the model itself (image_newline)
             module = model.get_submodule(module_name)
             module._parameters[attr] = nn.Parameter(backend.place(name, tensor), requires_grad=False)
         elif key in owner:

@@ -16,16 +16,28 @@ import torch
 import backends
 from backends.base import Backend
 from vlmcli import checkpoint
+from vlmcli.errors import CheckpointError
 from vlmcli.generate import Generation, SamplingOptions, Timings, generate
 from vlmcli.inputs import ImageInput
 from vlmcli.loader import LoadedModel, ProgressFn, load_model
-from vlmcli.preprocess import ImageProcessorConfig, load_image_with_notes, preprocess_batch
+from vlmcli.preprocess import ImageProcessorConfig, load_image_with_notes, preprocess_anyres, preprocess_batch
 from vlmcli.quantization import read_quantization
-from vlmcli.sequence import Message, build_sequence, user_message
+from vlmcli.sequence import Message, build_sequence, count_images, user_message
 from vlmcli.tokenizer import Tokenizer
 
 Notice = Callable[[str], None]  # one line for stderr
 ImageSource = str | Path | bytes | ImageInput  # an ImageInput's name is what errors call it
+
+
+@dataclass
+class PreparedImages:
+    """Images ready for the vision tower, with the token count each will become."""
+
+    pixels: torch.Tensor  # (views, 3, H, W): one view per image, or anyres base view + tiles
+    image_sizes: list[tuple[int, int]]  # (height, width) of each image as loaded
+    views_per_image: list[int]
+    token_counts: list[int]  # visual tokens per image, in order
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -74,7 +86,7 @@ class Pipeline:
         chosen = backends.get_backend(backend, read_quantization(checkpoint.read_config(folder)))
         loaded = load_model(folder, chosen, progress=progress)
         family = loaded.family
-        tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.default_chat_template)
+        tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.chat_template_for(loaded.config))
         if tokenizer.template_source == "family default" and notice:
             notice(f"{folder.name} has no chat template; using the {family.name} default")
         image_config = _image_config(folder, loaded, notice)
@@ -82,16 +94,18 @@ class Pipeline:
 
     @property
     def tokens_per_image(self) -> int:
+        """Visual tokens per image (for LLaVA-NeXT / OneVision an upper bound: their count
+        depends on the image; see `prepare_images`)."""
         return self.config.max_visual_tokens()
 
     @property
     def context_length(self) -> int:
-        return self.config.text.max_position_embeddings
+        return self.config.text.context_length
 
-    def encode_images(self, sources: list[ImageSource], timings: Timings) -> tuple[torch.Tensor | None, list[str]]:
-        """Image files -> visual tokens (N, n_visual, d_language), on the backend's device."""
+    def prepare_images(self, sources: list[ImageSource], timings: Timings) -> PreparedImages | None:
+        """Load and preprocess image files; nothing runs on the model yet."""
         if not sources:
-            return None, []
+            return None
         t0 = time.perf_counter()
         notes: list[str] = []
         images = []
@@ -102,14 +116,39 @@ class Pipeline:
                 image, image_notes = load_image_with_notes(src)
             images.append(image)
             notes.extend(image_notes)
-        pixels = preprocess_batch(images, self.image_config)
+        sizes = [(img.height, img.width) for img in images]
+        counts = [self.config.image_tokens(h, w, len(images)) for h, w in sizes]
+        anyres = self.config.anyres
+        if anyres is None:
+            pixels = preprocess_batch(images, self.image_config)
+            views = [1] * len(images)
+        else:
+            base_only = anyres.base_only_when_several and len(images) > 1
+            per_image = [
+                preprocess_anyres(img, self.image_config, anyres.grid_pinpoints, base_only=base_only)
+                for img in images
+            ]
+            pixels = torch.cat(per_image)
+            views = [p.shape[0] for p in per_image]
         timings.preprocess_ms += (time.perf_counter() - t0) * 1000
+        return PreparedImages(pixels, sizes, views, counts, notes)
+
+    def encode_prepared(self, prepared: PreparedImages, timings: Timings):
+        """Preprocessed images -> visual tokens on the backend's device: (N, n_visual,
+        d_language), or for anyres families one (n_i, d_language) tensor per image."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            pixels = pixels.to(self.backend.device, self.backend.dtype)
-            visual = self.model.encode_images(pixels)
+            pixels = prepared.pixels.to(self.backend.device, self.backend.dtype)
+            visual = self.model.encode_images(pixels, prepared.image_sizes, prepared.views_per_image)
         timings.vision_ms += (time.perf_counter() - t0) * 1000
-        return visual, notes
+        return visual
+
+    def encode_images(self, sources: list[ImageSource], timings: Timings) -> tuple[object, list[str]]:
+        """Image files -> visual tokens (see encode_prepared) and notes about the files."""
+        prepared = self.prepare_images(sources, timings)
+        if prepared is None:
+            return None, []
+        return self.encode_prepared(prepared, timings), prepared.notes
 
     def ask(
         self,
@@ -120,14 +159,18 @@ class Pipeline:
     ) -> Answer:
         """Answer the last user turn of `messages`, whose image parts refer to `images` in order."""
         timings = Timings()
+        prepared = self.prepare_images(images, timings)
+        counts = prepared.token_counts if prepared is not None else [self.tokens_per_image] * count_images(messages)
+        # built and checked before the vision tower or the decoder run
         seq = build_sequence(
             self.tokenizer,
             messages,
             image_token_id=self.config.image_token_id,
-            tokens_per_image=self.tokens_per_image,
+            tokens_per_image=counts,
             context_length=self.context_length,
         )
-        visual, notes = self.encode_images(images, timings)
+        visual = self.encode_prepared(prepared, timings) if prepared is not None else None
+        notes = prepared.notes if prepared is not None else []
         cache_len = min(self.context_length, len(seq.ids) + opts.max_new_tokens)
         cache = self.model.decoder.new_cache(cache_len)
         stream = self.tokenizer.stream_decoder()
@@ -167,19 +210,18 @@ class Pipeline:
 def _image_config(folder: Path, loaded: LoadedModel, notice: Notice | None) -> ImageProcessorConfig:
     path = folder / "preprocessor_config.json"
     if path.exists():
-        return ImageProcessorConfig.from_file(path)
-    size = loaded.config.vision.image_size
+        image_config = ImageProcessorConfig.from_file(path)
+        anyres = loaded.config.anyres
+        if anyres is not None and image_config.image_grid_pinpoints not in (None, anyres.grid_pinpoints):
+            # transformers would tile with one grid and unpack with the other, and fail
+            raise CheckpointError(
+                f"{path.name} and config.json disagree on image_grid_pinpoints",
+                hint="the checkpoint is inconsistent; re-download it",
+            )
+        return image_config
     if notice:
         notice(f"{folder.name} has no preprocessor_config.json; using the {loaded.family.name} default")
-    return ImageProcessorConfig.from_dict(
-        {
-            "size": {"shortest_edge": size},
-            "crop_size": {"height": size, "width": size},
-            "do_center_crop": True,
-            "image_mean": list(loaded.family.default_mean),
-            "image_std": list(loaded.family.default_std),
-        }
-    )
+    return ImageProcessorConfig.from_dict(loaded.family.image_processor_defaults(loaded.config))
 
 
 def _stop_ids(folder: Path, loaded: LoadedModel, tokenizer: Tokenizer) -> set[int]:

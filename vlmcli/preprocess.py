@@ -10,6 +10,12 @@ Two halves:
   processor does for a `preprocessor_config.json` (resize, center crop, rescale, normalize),
   reproduced bit for bit: Pillow does the resize on the uint8 image, torch does the rest with
   the same float64 -> float32 arithmetic order as the reference.
+* anyres views (`anyres_views`, `preprocess_anyres`): LLaVA-NeXT / OneVision's base view plus
+  tiles, as transformers' LlavaNextImageProcessorPil / LlavaOnevisionImageProcessorPil make
+  them (the classes it uses without torchvision, as here; the torchvision ones are meant to
+  match them): the image resized into its best grid resolution (aspect kept), centred on
+  black, cut into tiles; the whole image squashed to one tile for the base view. Each view
+  then goes through `preprocess`.
 
 numpy is deliberately not used: it is not a dependency of the package.
 """
@@ -34,6 +40,7 @@ try:  # Little CMS ships with Pillow's wheels, but a source build may lack it.
 except ImportError:  # pragma: no cover - depends on how Pillow was built
     ImageCms = None
 
+from vlmcli import anyres
 from vlmcli.errors import CheckpointError, ImageError
 
 # The seed's statistics, used when a checkpoint's preprocessor config gives none.
@@ -71,6 +78,9 @@ class ImageProcessorConfig:
     image_std: tuple[float, float, float] = IMAGENET_STD
     do_convert_rgb: bool = True
     image_processor_type: str | None = None
+    # anyres (LLaVA-NeXT / OneVision): candidate (height, width) resolutions, and the tile side
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+    tile_size: int | None = None
 
     def __post_init__(self) -> None:
         size = (self.size,) if isinstance(self.size, int) else self.size
@@ -122,6 +132,14 @@ class ImageProcessorConfig:
                 kwargs[key] = _parse_stats(key, d[key])
         if "image_processor_type" in d:
             kwargs["image_processor_type"] = str(d["image_processor_type"])
+        if "image_grid_pinpoints" in d:
+            kwargs["image_grid_pinpoints"] = _parse_pinpoints(d["image_grid_pinpoints"])
+        # the anyres processors cut tiles of crop_size if the config gives one, else of size
+        size = kwargs.get("size", cls.size)
+        if "crop_size" in kwargs:
+            kwargs["tile_size"] = kwargs["crop_size"][0]
+        else:
+            kwargs["tile_size"] = size[0] if isinstance(size, tuple) else size
         return cls(**kwargs)
 
     @classmethod
@@ -166,6 +184,12 @@ def _parse_stats(key: str, value: Any) -> tuple[float, float, float]:
     if not isinstance(values, list) or len(values) != 3:
         raise CheckpointError(f"image processor {key} must be a number or 3 numbers, got {value!r}")
     return tuple(_parse_float(key, v) for v in values)  # type: ignore[return-value]
+
+
+def _parse_pinpoints(value: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(p, list) and len(p) == 2 for p in value):
+        raise CheckpointError(f"image processor image_grid_pinpoints must be [height, width] pairs, got {value!r}")
+    return tuple((_parse_int("image_grid_pinpoints", h), _parse_int("image_grid_pinpoints", w)) for h, w in value)
 
 
 def _parse_size(value: Any) -> int | tuple[int, int]:
@@ -404,3 +428,66 @@ def _center_crop(x: torch.Tensor, crop_h: int, crop_w: int) -> torch.Tensor:
         _, h, w = x.shape
     top, left = (h - crop_h) // 2, (w - crop_w) // 2
     return x[:, top : top + crop_h, left : left + crop_w]
+
+
+# --------------------------------------------------------------------------- anyres
+
+
+def anyres_views(
+    image: Image.Image,
+    cfg: ImageProcessorConfig,
+    pinpoints: Sequence[tuple[int, int]] | None = None,
+    *,
+    base_only: bool = False,
+) -> list[Image.Image]:
+    """The views LLaVA-NeXT / OneVision encode for one image: the base view, then the tiles
+    of its best grid row by row (uint8 RGB Pillow images, before `preprocess`).
+
+    base_only (OneVision, several images in one prompt): only the image padded to a square
+    with the mean colour."""
+    from vlmcli import anyres
+
+    if image.mode != "RGB" or "transparency" in image.info:
+        image = _to_rgb(image, [])
+    if base_only:
+        return [_pad_to_square(image, tuple(int(m * 255) for m in cfg.image_mean))]
+    pinpoints = pinpoints or cfg.image_grid_pinpoints
+    if not pinpoints:
+        raise CheckpointError("anyres preprocessing needs image_grid_pinpoints")
+    tile = cfg.tile_size or (cfg.size[0] if isinstance(cfg.size, tuple) else cfg.size)
+    size = (image.height, image.width)
+    best_h, best_w = anyres.select_best_resolution(size, pinpoints)
+    if best_h % tile or best_w % tile:
+        raise CheckpointError(f"grid resolution {best_h}x{best_w} is not a whole number of {tile} px tiles")
+    new_h, new_w = anyres.resized_size(size, (best_h, best_w))
+    resized = image.resize((new_w, new_h), resample=cfg.resample)
+    top, _, left, _ = anyres.padding((new_h, new_w), (best_h, best_w))
+    canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
+    canvas.paste(resized, (left, top))
+    tiles = [
+        canvas.crop((x, y, x + tile, y + tile)) for y in range(0, best_h, tile) for x in range(0, best_w, tile)
+    ]
+    base_h, base_w = cfg.size if isinstance(cfg.size, tuple) else (cfg.size, cfg.size)
+    base = image.resize((base_w, base_h), resample=cfg.resample)
+    return [base] + tiles
+
+
+def preprocess_anyres(
+    image: Image.Image,
+    cfg: ImageProcessorConfig,
+    pinpoints: Sequence[tuple[int, int]] | None = None,
+    *,
+    base_only: bool = False,
+) -> torch.Tensor:
+    """One image -> float32 (views, 3, H, W): the base view, then the tiles (see anyres_views)."""
+    return torch.stack([preprocess(view, cfg) for view in anyres_views(image, cfg, pinpoints, base_only=base_only)])
+
+
+def _pad_to_square(image: Image.Image, colour: tuple[int, ...]) -> Image.Image:
+    """The image centred on a square of `colour` (OneVision's pad_to_square)."""
+    side = max(image.width, image.height)
+    if image.width == image.height:
+        return image
+    canvas = Image.new("RGB", (side, side), colour)
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return canvas

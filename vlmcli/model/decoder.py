@@ -3,8 +3,16 @@
     embeddings (B, T, d)  [text tokens with the visual tokens already scattered in]
       -> n blocks: x + attn(rmsnorm(x)), then x + mlp(rmsnorm(x))
          attention: RoPE on q and k, grouped-query (n_kv_heads <= n_heads), static KV cache
-         mlp: down(silu(gate(x)) * up(x))
+         mlp: down(act(gate(x)) * up(x))
       -> rmsnorm -> lm_head -> logits (B, T or 1, vocab)
+
+The family members differ in a few switches (see TextConfig):
+    Llama    SwiGLU, no biases
+    Mistral  + a sliding attention window on every layer
+    Qwen2    + biases on q/k/v; optionally a sliding window on the upper layers
+    Gemma    GeGLU (GELU-tanh gate), embeddings scaled by sqrt(d_model), RMSNorm by (1 + w),
+             head_dim set by the config rather than d_model / n_heads
+and in RoPE scaling (rope.py).
 
 Parameter names follow Hugging Face Llama checkpoints so the loader maps them by prefix.
 """
@@ -18,45 +26,42 @@ from torch import nn
 from vlmcli.config import TextConfig
 from vlmcli.model.activations import activation
 from vlmcli.model.kv_cache import KVCache
+from vlmcli.model.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """x / rms(x) * weight; with offset 1 (Gemma) the stored weight is zero-centred."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.eps = eps
+        self.offset = offset
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 even for 16-bit activations: the mean of squares overflows fp16.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            # Gemma scales before rounding back to 16 bits, Llama after (transformers#29402)
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables in fp32, grown on demand: a 128k-context config costs nothing until
-    that many positions are used."""
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times a constant (Gemma: sqrt(d_model)).
 
-    def __init__(self, head_dim: int, theta: float, max_len: int, device=None):
-        super().__init__()
-        self.max_len = max_len
-        inv_freq = 1.0 / (
-            theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)
-        )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.register_buffer("cos", torch.empty(0, head_dim, device=device), persistent=False)
-        self.register_buffer("sin", torch.empty(0, head_dim, device=device), persistent=False)
+    The scale belongs to the lookup, not to the decoder's input: visual tokens scattered
+    over the image placeholders stay unscaled, as in transformers 5."""
 
-    def _grow(self, needed: int) -> None:
-        n = min(max(needed, 2 * self.cos.shape[0], 256), max(needed, self.max_len))
-        freqs = torch.arange(n, device=self.inv_freq.device).float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([freqs, freqs], dim=-1)  # (n, head_dim), halves repeated
-        self.cos, self.sin = angles.cos(), angles.sin()
+    def __init__(self, num_embeddings: int, embedding_dim: int, multiplier: float):
+        super().__init__(num_embeddings, embedding_dim)
+        self.multiplier = multiplier
 
-    def forward(self, pos: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if pos + length > self.cos.shape[0]:
-            self._grow(pos + length)
-        return self.cos[pos : pos + length].to(dtype), self.sin[pos : pos + length].to(dtype)
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # the constant is a float32 tensor rounded to the weights' dtype, as the reference does
+        scale = torch.tensor(self.multiplier, dtype=torch.float32, device=self.weight.device)
+        return super().forward(ids) * scale.to(self.weight.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -68,16 +73,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin  # x (B, nh, T, hd), cos/sin (T, hd)
 
 
-def causal_mask(pos: int, length: int, device) -> torch.Tensor | None:
-    """Boolean mask for `length` queries starting at `pos` over keys 0..pos+length-1.
+def causal_mask(pos: int, length: int, device, window: int | None = None) -> torch.Tensor | None:
+    """Boolean mask for `length` queries starting at `pos` over keys 0..pos+length-1; with a
+    sliding `window`, query q sees only keys q-window+1..q.
 
-    None when SDPA's own handling is exact: one query sees every cached key, and a prefill
-    from position 0 is plain causal."""
-    if length == 1 or pos == 0:
-        return None
-    q = torch.arange(pos, pos + length, device=device)[:, None]
-    k = torch.arange(pos + length, device=device)[None, :]
-    return k <= q  # (T, pos+T)
+    None when SDPA's own handling is exact: the window cuts nothing, and either one query
+    sees every cached key or a prefill from position 0 is plain causal."""
+    end = pos + length
+    if window is None or end <= window:
+        if length == 1 or pos == 0:
+            return None
+        window = None
+    q = torch.arange(pos, end, device=device)[:, None]
+    k = torch.arange(end, device=device)[None, :]
+    mask = k <= q  # (T, pos+T)
+    if window is not None:
+        mask &= k > q - window
+    return mask
 
 
 class Attention(nn.Module):
@@ -85,13 +97,15 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=bias)
+        self.window = cfg.window_for(layer_index)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None) -> torch.Tensor:
+        """masks: the attention mask per window size, as Decoder.forward computes them once
+        for all layers; None computes this layer's here."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -99,9 +113,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
-        else:  # a whole sequence at once (training, scoring): keys are just this chunk
-            pos = 0
-        mask = causal_mask(pos, T, x.device)
+        if masks is None:  # without a cache the keys are just this chunk
+            mask = causal_mask(pos if cache is not None else 0, T, x.device, self.window)
+        else:
+            mask = masks[self.window]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1), enable_gqa=self.n_kv != self.n_heads
         )
@@ -123,13 +138,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: TextConfig, layer_index: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.self_attn = Attention(cfg, layer_index)
-        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache)
+    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -137,20 +152,22 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.embedding_multiplier != 1.0:
+            self.embed_tokens = ScaledEmbedding(cfg.vocab_size, cfg.d_model, cfg.embedding_multiplier)
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
+        self.windows = sorted({layer.self_attn.window for layer in self.layers}, key=lambda w: w or 0)
 
     def tie_weights(self) -> None:
         self.lm_head.weight = self.embed_tokens.weight
 
     def setup(self, device) -> None:
         """Build the tables that are computed rather than loaded (after the weights are in)."""
-        self.rope = RotaryEmbedding(
-            self.cfg.head_dim, self.cfg.rope_theta, self.cfg.max_position_embeddings, device
-        )
+        self.rope = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, device)
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
         w = self.embed_tokens.weight
@@ -172,9 +189,12 @@ class Decoder(nn.Module):
         Without a cache the sequence is attended to on its own (training and scoring)."""
         T = embeds.shape[1]
         cos, sin = self.rope(pos, T, embeds.dtype)
+        # Without a cache the keys are just this chunk, whatever its positions.
+        key_pos = pos if cache is not None else 0
+        masks = {w: causal_mask(key_pos, T, embeds.device, w) for w in self.windows}
         x = embeds
         for block in self.layers:
-            x = block(x, cos, sin, pos, cache)
+            x = block(x, cos, sin, pos, cache, masks)
         if last_only:  # generation needs only the next-token distribution
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -6,8 +6,14 @@ CLIP ViT (LLaVA-1.5: ViT-L/14 at 336 px, 576 patches):
       -> prepend the learned [CLS] token, add position embeddings   (B, 1+P, d)
       -> pre-layernorm
       -> n pre-LN transformer blocks (attention + QuickGELU MLP)
+SigLIP (llava-interleave, LLaVA-OneVision: so400m/14 at 384 px, 729 patches) is the same
+stack without the [CLS] token and without the pre-layernorm, with GELU-tanh in its MLPs and
+a bias on the patch-embedding conv.
+
 A LLaVA takes the hidden states of one or more blocks (not the final pooled output), so
 the encoder returns the ones asked for and never runs blocks past the deepest of them.
+Neither tower's post_layernorm nor SigLIP's attention-pooling head is used: transformers
+selects `hidden_states[i]`, which for both towers is the raw output of block i.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_size = cfg.patch_size
         self.class_embedding = nn.Parameter(torch.empty(cfg.d_vision)) if cfg.class_token else None
         self.patch_embedding = nn.Conv2d(
-            cfg.num_channels, cfg.d_vision, cfg.patch_size, stride=cfg.patch_size, bias=False
+            cfg.num_channels, cfg.d_vision, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
         )
         self.position_embedding = nn.Embedding(cfg.num_positions(), cfg.d_vision)
 
@@ -97,7 +103,8 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        self.pre_layrnorm = nn.LayerNorm(cfg.d_vision, eps=cfg.norm_eps)
+        # (CLIP's spelling, kept so checkpoint names map by prefix)
+        self.pre_layrnorm = nn.LayerNorm(cfg.d_vision, eps=cfg.norm_eps) if cfg.pre_layernorm else nn.Identity()
         # Only the blocks up to the deepest selected feature layer are built (LLaVA-1.5
         # uses layer -2, so the last block of ViT-L is never loaded or run).
         self.encoder = nn.Module()
