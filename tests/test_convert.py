@@ -311,3 +311,44 @@ def test_progress_reaches_the_total(llava_ckpt, tmp_path):
     convert(str(llava_ckpt), tmp_path / "out", ConvertOptions(to="fp16"), progress=lambda d, t: seen.append((d, t)), download_progress=False)
     total = seen[-1][1]
     assert seen[-1] == (total, total) and [d for d, _ in seen] == list(range(1, total + 1))
+
+
+def _kill_convert_when(llava_ckpt, out, seen_tmp_files: int) -> None:
+    """Start `vlm convert` in a child process and SIGKILL it once its temporary folder holds
+    `seen_tmp_files` files (0: as soon as the folder exists)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmcli", "convert", str(llava_ckpt), str(out), "--to", "int8",
+         "--max-shard-size", "20KB", "-q"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            tmp = [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.tmp-")]
+            if tmp and len(list(tmp[0].iterdir())) >= seen_tmp_files:
+                break
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("files_before_kill", [0, 3, 12])
+def test_sigkill_leaves_no_output_or_a_complete_one(llava_ckpt, tmp_path, files_before_kill):
+    """A convert killed outright (no cleanup can run) never leaves a half-written OUTPUT."""
+    reference = tmp_path / "reference"
+    convert(str(llava_ckpt), reference, ConvertOptions(to="int8", max_shard_bytes=20_000), download_progress=False)
+    out = tmp_path / "out"
+    _kill_convert_when(llava_ckpt, out, files_before_kill)
+    if out.exists():  # the rename happened before the kill: it must be the whole result
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+        for p in reference.glob("*.safetensors"):
+            assert (out / p.name).read_bytes() == p.read_bytes()
+    # a later convert still works, whatever the killed one left in its temporary folder
+    convert(str(llava_ckpt), out, ConvertOptions(to="int8", max_shard_bytes=20_000, force=True), download_progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
