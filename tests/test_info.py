@@ -78,7 +78,7 @@ def test_json_output(capsys, llava_ckpt):
     code, out, err = run(capsys, "info", llava_ckpt, "--json")
     assert code == 0 and err == ""
     data = json.loads(out)
-    assert data["family"] == "LLaVA-1.5" and data["model_type"] == "llava"
+    assert data["family"] == "LLaVA" and data["model_type"] == "llava"
     assert [r["backend"] for r in data["backends"]] == ["cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4"]
     cpu = data["backends"][0]
     assert cpu["available"] is True and cpu["device"] == "cpu"
@@ -89,7 +89,7 @@ def test_json_output(capsys, llava_ckpt):
 def test_text_output(capsys, llava_ckpt):
     code, out, _ = run(capsys, "info", llava_ckpt)
     assert code == 0
-    assert "LLaVA-1.5 (llava)" in out and "25 tokens per image" in out
+    assert "LLaVA (llava)" in out and "25 tokens per image" in out
     for name in ("cpu-bf16", "int8", "int4"):
         assert f"│ {name}" in out
     if not torch.cuda.is_available():
