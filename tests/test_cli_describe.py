@@ -156,7 +156,7 @@ def test_shell_completion():
     env = {"_VLM_COMPLETE": "complete_bash", "COMP_WORDS": "vlm describe --max", "COMP_CWORD": "2"}
     assert vlm(env=env, text=True).stdout.split() == ["--max-tokens"]
     script = vlm("--show-completion", "bash", text=True)
-    assert script.returncode == 0 and "complete -o default -F _vlm_completion vlm" in script.stdout
+    assert script.returncode == 0 and "complete -o default -F _vlm_completion vlm" in script.stdout, script.stderr
 
 
 def test_default_model_offline_and_not_cached(test_image, tmp_path):
