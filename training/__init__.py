@@ -1,0 +1,1 @@
+"""How the bundled demo model (`-m demo`) is made: scenes, training, evaluation."""
