@@ -18,7 +18,7 @@ from vlmcli.loader import load_model
 from vlmcli.preprocess import load_image
 
 FUZZ = settings(
-    max_examples=300,
+    max_examples=500,  # six properties: 3000 cases per run
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -88,3 +88,21 @@ def test_prompt_longer_than_the_context_says_both_numbers(capsys, llava_ckpt, te
     assert (code, out) == (1, "")
     assert "but the model's context is 512 tokens" in err and "error: the prompt is" in err
     assert issubclass(ContextLengthError, VlmError)
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("load", "error: out of memory while loading the model (try -b int4 or a smaller model)\n"),
+        ("describe", "error: out of memory while generating (try fewer --max-tokens, fewer images or -b int4)\n"),
+    ],
+)
+def test_out_of_memory_says_when(capsys, monkeypatch, llava_ckpt, test_image, where, message):
+    import torch
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Pipeline, where, oom)
+    code, out, err = run(capsys, "describe", test_image, "-m", llava_ckpt)
+    assert (code, out, err) == (1, "", message)

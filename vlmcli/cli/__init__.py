@@ -49,6 +49,12 @@ app.command("convert")(convert.convert)
 app.command("info")(info.info)
 
 
+def _torch_oom() -> type[BaseException]:
+    import torch  # already imported by any command that can run out of memory
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
@@ -68,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
             err_console().print_exception()
         err_console().print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
         return e.exit_code
+    except (MemoryError, _torch_oom()) as e:
+        if state.debug:
+            err_console().print_exception()
+        hint = "try -b int4 or a smaller model" if state.phase == "loading the model" else "try fewer --max-tokens, fewer images or -b int4"
+        err_console().print(
+            f"[bold red]error:[/] out of memory while {state.phase} ({hint})", highlight=False, soft_wrap=True
+        )
+        return EXIT_FAILURE
     except BrokenPipeError:  # `vlm describe ... | head`: the reader left; not our failure
         sys.stderr.close()
         return 0

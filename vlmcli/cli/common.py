@@ -3,7 +3,7 @@ progress on stderr."""
 
 from __future__ import annotations
 
-from vlmcli.cli.console import notice, progress_bar, show_progress
+from vlmcli.cli.console import notice, progress_bar, show_progress, state
 from vlmcli.errors import UsageError
 from vlmcli.generate import SamplingOptions
 from vlmcli.pipeline import Pipeline
@@ -19,5 +19,8 @@ def sampling_options(**kwargs) -> SamplingOptions:
 def load_pipeline(model: str, backend: str) -> Pipeline:
     """The model, with huggingface_hub's download bars and our loading bar on a terminal
     (nothing under -q or when stderr is not a terminal)."""
+    state.phase = "loading the model"
     with progress_bar("loading model") as update:
-        return Pipeline.load(model, backend, progress=update, notice=notice, download_progress=show_progress())
+        pipe = Pipeline.load(model, backend, progress=update, notice=notice, download_progress=show_progress())
+    state.phase = "generating"
+    return pipe

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 class _State:
     debug: bool = False
     quiet: bool = False
+    phase: str = "starting"  # what the command was doing, for out-of-memory messages
 
 
 state = _State()
