@@ -141,7 +141,7 @@ def test_the_interactive_loop_survives_errors(capsys, monkeypatch):
     from vlmcli.errors import ImageError
 
     class Prompt:
-        lines = iter(["first", "", "second", "third", "fourth", "fifth"])
+        lines = iter(["first", "", "second", "third", "fourth", "oom", "fifth"])
 
         def prompt(self, _):
             line = next(self.lines, None)
@@ -163,6 +163,10 @@ def test_the_interactive_loop_survives_errors(capsys, monkeypatch):
                 raise ImageError("cannot read image 'x': no such file")
             if text == "fourth":
                 raise RuntimeError("boom")
+            if text == "oom":
+                import torch
+
+                raise torch.OutOfMemoryError("CUDA out of memory")
             on_text("fine")
             return type("Reply", (), {"finish_reason": "stop"})()
 
@@ -170,10 +174,11 @@ def test_the_interactive_loop_survives_errors(capsys, monkeypatch):
     monkeypatch.setattr(chat_cli.state, "debug", False)
     chat_cli._interactive(Session())
     out, err = capsys.readouterr()
-    assert Session.asked == ["first", "third", "fourth", "fifth"]
+    assert Session.asked == ["first", "third", "fourth", "oom", "fifth"]
     assert out == "Once upon\nfine\n"
     assert err == (
         "(reply stopped)\n"
         "error: cannot read image 'x': no such file\n"
         "internal error: RuntimeError: boom (run with --debug for the traceback)\n"
+        "error: out of memory while generating; the conversation is kept (try /set max_tokens with a smaller value, or /clear)\n"
     )

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import torch
 import typer
 
 from vlmcli import inputs
@@ -140,7 +141,16 @@ def _interactive_turn(session: ChatSession, prompt) -> str | None:
         if state.debug:
             err_console().print_exception()
         err_console().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    except Exception as e:  # a bug, or out of memory: said, and the conversation goes on
+    except (MemoryError, torch.OutOfMemoryError):
+        if state.debug:
+            err_console().print_exception()
+        err_console().print(
+            "[bold red]error:[/] out of memory while generating; the conversation is kept "
+            "(try /set max_tokens with a smaller value, or /clear)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    except Exception as e:  # a bug: said, and the conversation goes on
         if state.debug:
             err_console().print_exception()
         else:
