@@ -159,3 +159,16 @@ def test_console_script_exit_code(llava_ckpt, tmp_path):
     proc = subprocess.run([vlm, "describe", str(tmp_path / "x.png"), "-m", str(llava_ckpt)], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"error: cannot read image '{tmp_path / 'x.png'}': no such file"
+
+
+def test_control_characters_are_escaped_on_a_terminal_only(monkeypatch, capsys):
+    """A model can emit any byte; ESC or CSI written raw would drive the user's terminal."""
+    from vlmcli.cli import console
+
+    text = "a\x1b[2Jb\x06\r\n\tc\x9bd\x7fé"
+    assert console.terminal_safe(text) == "a\\x1b[2Jb\\x06\\x0d\n\tc\\x9bd\\x7fé"
+    console.write_result(text)  # captured: not a terminal, the text as the model wrote it
+    assert capsys.readouterr().out == text
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    console.write_result(text)
+    assert capsys.readouterr().out == console.terminal_safe(text)

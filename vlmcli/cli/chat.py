@@ -21,7 +21,7 @@ from vlmcli import inputs
 from vlmcli.chat import ChatSession, Reply
 from vlmcli.cli import options
 from vlmcli.cli.common import load_pipeline, sampling_options
-from vlmcli.cli.console import err_console, notice, state
+from vlmcli.cli.console import err_console, notice, state, write_result
 from vlmcli.errors import UsageError, VlmError
 
 PROMPT = "> "
@@ -101,8 +101,8 @@ def _scripted(session: ChatSession, lines) -> None:
             if _run_command(session, line) == "exit":
                 return
             continue
-        reply = session.ask(line, on_text=_write_stdout)
-        _write_stdout("\n")
+        reply = session.ask(line, on_text=write_result)
+        write_result("\n")
         _report(reply, session)
 
 
@@ -128,12 +128,12 @@ def _interactive_turn(session: ChatSession, prompt) -> str | None:
         if _is_command(line):
             return _run_command(session, line)
         try:
-            reply = session.ask(line, on_text=_write_stdout)
+            reply = session.ask(line, on_text=write_result)
         except KeyboardInterrupt:
-            _write_stdout("\n")
+            write_result("\n")
             err_console().print("[dim](reply stopped)[/]", highlight=False)
             return None
-        _write_stdout("\n")
+        write_result("\n")
         _report(reply, session)
     except KeyboardInterrupt:  # during a command (an image download, say)
         err_console().print("[dim](interrupted)[/]", highlight=False)
@@ -309,11 +309,6 @@ def _report(reply: Reply, session: ChatSession) -> None:
 
 def _say(message: str) -> None:
     err_console().print(message, highlight=False, markup=False, soft_wrap=True)
-
-
-def _write_stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
 
 
 __all__ = ["chat", "history_path", "key_bindings"]

@@ -3,6 +3,7 @@ stderr console. Rich honours NO_COLOR and drops styling when stderr is not a ter
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -64,3 +65,21 @@ def progress_bar(description: str, total: int | None = None) -> Iterator:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+# C0 controls except tab and newline, DEL, and C1 controls: a model can emit any byte
+# (byte-fallback tokens), and ESC or CSI written raw to a terminal moves the cursor, clears
+# the screen or worse. On a terminal they are shown escaped; a pipe gets the text as is.
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with control characters written as visible `\\xNN` escapes."""
+    return text.translate(_CONTROLS)
+
+
+def write_result(text: str) -> None:
+    """Write (part of) a result to stdout at once: replies are streamed token by token."""
+    out = sys.stdout
+    out.write(terminal_safe(text) if out.isatty() else text)
+    out.flush()

@@ -12,7 +12,7 @@ import typer
 from vlmcli import inputs
 from vlmcli.cli import options
 from vlmcli.cli.common import load_pipeline, sampling_options
-from vlmcli.cli.console import notice, progress_bar, state
+from vlmcli.cli.console import notice, progress_bar, state, write_result
 
 DEFAULT_PROMPT = "Describe this image."
 
@@ -61,7 +61,7 @@ def describe(
             if not json_lines:
                 if len(images) > 1:
                     print(("\n" if i else "") + f"==> {item.name} <==", flush=True)
-                stream = _write_stdout
+                stream = write_result
             answer = pipe.describe([item], prompt, opts, on_text=stream)
             for note in answer.notes:
                 notice(f"{item.name}: {note}")
@@ -83,8 +83,3 @@ def describe(
                 print(flush=True)
             if update:
                 update(i + 1, len(images))
-
-
-def _write_stdout(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
