@@ -52,12 +52,66 @@ class Backend(Protocol):
         ...
 
 
-def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An nn.Linear around existing tensors, without allocating and then overwriting."""
+class TransposedLinear(nn.Module):
+    """`x @ weight.T + bias` with the weight stored transposed: (in_features, out_features),
+    contiguous. `weight` is still there, as a (out, in) view of that storage.
+
+    Why: batch-1 decoding is a matrix-vector product per layer, and on the CPU MKL's fp32
+    product reads a weight laid out this way much faster when the layer has at least as many
+    outputs as inputs. Measured on a 2-core AVX2 machine (torch 2.13, MKL 2024.2), ms per
+    product, stored (out, in) -> stored (in, out):
+        896 x 896    0.175 -> 0.155     (q_proj, o_proj of a 0.5B Qwen2)
+        4864 x 896   1.012 -> 0.553     (gate_proj, up_proj)
+        151936 x 896 33.0  -> 23.1      (lm_head)
+        896 x 4864   0.662 -> 0.894     (down_proj: here the usual layout wins)
+    Products over many rows (prefill, the vision tower) run at the same speed either way.
+    """
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight_t.shape
+        self.weight_t = nn.Parameter(weight_t, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def prefers_transposed(shape: torch.Size | tuple[int, int], device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a weight's matrix-vector products run faster stored transposed (see
+    TransposedLinear): fp32 on the CPU, with out_features >= in_features."""
+    out_f, in_f = shape
+    return device.type == "cpu" and dtype == torch.float32 and out_f >= in_f
+
+
+def dense_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A Linear layer of `weight` (any float dtype, any device) and `bias` (placed already)
+    on `device` in `dtype` (default: the weight's), in the layout that decodes fastest
+    there. Converting and transposing is one copy, so a load holds one extra layer at most."""
+    device = weight.device if device is None else torch.device(device)
+    dtype = weight.dtype if dtype is None else dtype
     out_f, in_f = weight.shape
+    if prefers_transposed(weight.shape, device, dtype):
+        weight_t = torch.empty((in_f, out_f), dtype=dtype, device=device)
+        weight_t.copy_(weight.t())
+        return TransposedLinear(weight_t, bias)
     with torch.device("meta"):
         layer = nn.Linear(in_f, out_f, bias=bias is not None)
-    layer.weight = nn.Parameter(weight, requires_grad=False)
+    layer.weight = nn.Parameter(weight.to(device, dtype), requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias, requires_grad=False)
     return layer
@@ -85,7 +139,7 @@ class DenseBackend:
             from backends.bnb import dequantize  # imports bitsandbytes: only for such checkpoints
 
             weight = dequantize(weight)
-        return dense_linear(self.place(name, weight), None if bias is None else self.place(name, bias))
+        return dense_linear(weight, None if bias is None else self.place(name, bias), self.device, self.dtype)
 
     def linear_bytes(self, name: str, out_features: int, in_features: int, stored: str = "dense") -> int:
         return out_features * in_features * self.dtype.itemsize

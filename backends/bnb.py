@@ -206,7 +206,7 @@ class BnbBackend:
             if weight.format != self.format:
                 raise CheckpointError(f"layer '{name}' is stored as {weight.format}, the rest of the checkpoint as {self.format}")
         elif not self.quantizes(name):
-            return dense_linear(self.place(name, weight), None if bias is None else self.place(name, bias))
+            return dense_linear(weight, None if bias is None else self.place(name, bias), self.device, self.dtype)
         layer = self._linear(weight, bias is not None)
         if bias is not None:
             layer.bias = nn.Parameter(self.place(name, bias), requires_grad=False)

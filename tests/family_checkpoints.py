@@ -137,10 +137,10 @@ def _chatml_tokenizer_config() -> dict:
     }
 
 
-def tiny_siglip_vision_config(image_size: int = 30, patch_size: int = 6, num_hidden_layers: int = 3):
+def tiny_siglip_vision_config(image_size: int = 30, patch_size: int = 6, num_hidden_layers: int = 3, **overrides):
     from transformers import SiglipVisionConfig
 
-    return SiglipVisionConfig(
+    values = dict(
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=num_hidden_layers,
@@ -151,6 +151,7 @@ def tiny_siglip_vision_config(image_size: int = 30, patch_size: int = 6, num_hid
         layer_norm_eps=1e-6,
         vision_use_head=False,  # llava-interleave / onevision towers have no pooling head
     )
+    return SiglipVisionConfig(**{**values, **overrides})
 
 
 def tiny_text_config(kind: str, vocab_size: int, bos: int | None, eos: int, pad: int, **overrides):
@@ -274,6 +275,7 @@ def make_family_checkpoint(
     text: str = "qwen2",
     tokenizer: str | None = None,
     text_overrides: dict | None = None,
+    vision_overrides: dict | None = None,
     config_overrides: dict | None = None,
     strategy: str | None = None,
     feature_layer: int | list[int] | None = None,
@@ -287,6 +289,7 @@ def make_family_checkpoint(
     patch_size: int = 6,
     seed: int = 0,
     weight_scale: float = DEFAULT_WEIGHT_SCALE,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write a tiny random checkpoint of `model_type` to `path` and return `path`.
 
@@ -295,13 +298,14 @@ def make_family_checkpoint(
     strategy / feature_layer: vision_feature_select_strategy / vision_feature_layer
     (default: full / -1 for SigLIP, as llava-interleave and OneVision; default / -2 for CLIP).
     text_overrides go to the decoder config (rope_parameters, sliding_window, ...),
-    config_overrides to the top-level config. key_layout: "saved" (what save_pretrained
+    vision_overrides to the SigLIP config (sizes), config_overrides to the top-level config. key_layout: "saved" (what save_pretrained
     writes), "hub" (llava-hf's names) or "module" (transformers 5's in-memory names).
     legacy_config: rewrite config.json sparsely, as the 4.4x-era llava-hf repos carry it
     (sub-configs keep only what differs from their class's defaults; no layer_types).
     config_json_overrides: merged into the written config.json afterwards (a dict value for
     text_config / vision_config merges into it), for values transformers would normalise
     away when building the config (e.g. Gemma's legacy hidden_act "gelu").
+    dtype: what the weights are saved as.
     """
     from transformers import (
         LlavaConfig,
@@ -329,7 +333,7 @@ def make_family_checkpoint(
     image_token_id = tok.token_to_id("<image>")
 
     if vision == "siglip":
-        vision_config = tiny_siglip_vision_config(image_size, patch_size)
+        vision_config = tiny_siglip_vision_config(image_size, patch_size, **(vision_overrides or {}))
         strategy = strategy or "full"
         feature_layer = -1 if feature_layer is None else feature_layer
         extra_tokens = 0
@@ -338,7 +342,9 @@ def make_family_checkpoint(
         strategy = strategy or "default"
         feature_layer = -2 if feature_layer is None else feature_layer
         extra_tokens = 1
-    text_config = tiny_text_config(text, tok.get_vocab_size(), bos, eos, pad, **(text_overrides or {}))
+    text_overrides = dict(text_overrides or {})
+    vocab_size = text_overrides.pop("vocab_size", tok.get_vocab_size())
+    text_config = tiny_text_config(text, vocab_size, bos, eos, pad, **text_overrides)
     n_patches = (image_size // patch_size) ** 2
     tokens_per_view = n_patches + extra_tokens - (1 if strategy == "default" else 0)
 
@@ -377,7 +383,7 @@ def make_family_checkpoint(
         with torch.no_grad():  # a vector like a word embedding, not a norm scale around 1
             gen = torch.Generator().manual_seed(seed + 1)
             model.model.image_newline.copy_(torch.randn(model.model.image_newline.shape, generator=gen))
-    model.save_pretrained(path)
+    model.to(dtype).save_pretrained(path)
     if key_layout == "hub":
         _rename_safetensors_keys(path, _to_hub_layout)
     elif key_layout == "module":
@@ -453,3 +459,61 @@ def _clip_like(image_size: int) -> dict:
 
 def read_config(path) -> dict:
     return json.loads((Path(path) / "config.json").read_text())
+
+
+DEFAULT_SIZE_CACHE_NAME = "default-size-llava-v1"  # bump when the build changes
+
+
+def default_size_checkpoint(cache_root=None) -> Path:
+    """Build (once) and return a random LLaVA the size and kind of the CLI's default model,
+    llava-hf/llava-interleave-qwen-0.5b-hf: SigLIP-so400m at 384 px in 14 px patches (26
+    layers kept of 27, as the hub config has it; width 1152; 729 image tokens), a 2-layer GELU projector, and a Qwen2-0.5B decoder
+    (24 layers, width 896, 14 heads / 2 KV heads, vocabulary 151936, tied embeddings), saved
+    in float16 as the hub repo is. 0.89 B parameters, 1.8 GB on disk. Weights ~ N(0, 0.02)
+    (transformers' initializer range), the tokenizer the tiny ChatML one: ids past its 600
+    tokens decode to nothing, which is fine for a speed benchmark that compares token ids.
+
+    For benchmarks (speed, memory); cached like smollm2_llava_checkpoint.
+    """
+    import shutil
+    import tempfile
+
+    from tests.checkpoints import _default_cache_root
+
+    root = Path(cache_root) if cache_root is not None else _default_cache_root()
+    final = root / DEFAULT_SIZE_CACHE_NAME
+    if (final / "config.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_SIZE_CACHE_NAME}-", dir=root))
+    try:
+        make_family_checkpoint(
+            tmp,
+            model_type="llava",
+            image_size=384,
+            patch_size=14,
+            vision_overrides=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
+            text_overrides=dict(
+                hidden_size=896,
+                intermediate_size=4864,
+                num_hidden_layers=24,
+                num_attention_heads=14,
+                num_key_value_heads=2,
+                vocab_size=151936,
+                max_position_embeddings=32768,
+                tie_word_embeddings=True,
+            ),
+            weight_scale=0.02,
+            dtype=torch.float16,
+        )
+        tmp.chmod(0o755)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

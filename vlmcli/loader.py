@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from backends.base import Backend
+from backends.base import Backend, dense_linear
 from vlmcli.checkpoint import WeightFiles, iter_tensors, read_config, tensor_shapes, weight_files
 from vlmcli.config import MultiModalConfig
 from vlmcli.errors import CheckpointError
@@ -26,6 +26,7 @@ from vlmcli.model.multimodal import VisionLanguageModel
 from vlmcli.quantization import FLOAT_DTYPES, LINEAR_PARTS, QuantizedWeight, layer_format
 
 ProgressFn = Callable[[int, int], None]  # (tensors done, tensors total)
+TIED_EMBEDDING = "decoder.embed_tokens.weight"  # lm_head's weight too, when the config ties them
 
 
 @dataclass
@@ -45,8 +46,6 @@ def load_model(folder: Path, backend: Backend, progress: ProgressFn | None = Non
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
     unused = _fill(model, files, family, backend, progress)
-    if cfg.text.tie_word_embeddings:
-        model.decoder.tie_weights()
     model.decoder.setup(backend.device)
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, family, folder, unused)
@@ -188,8 +187,13 @@ def _fill(
         if key in plan.params:
             name = plan.params[key]
             module_name, _, attr = name.rpartition(".")  # "" is the model itself (image_newline)
-            module = model.get_submodule(module_name)
-            module._parameters[attr] = nn.Parameter(backend.place(name, tensor), requires_grad=False)
+            if name == TIED_EMBEDDING and model.cfg.text.tie_word_embeddings:
+                # lm_head is built from the stored tensor in one copy (never quantized: the
+                # embedding needs the plain matrix) and the embedding reads its rows.
+                model.decoder.tie_weights(dense_linear(tensor, None, backend.device, backend.dtype))
+            else:
+                module = model.get_submodule(module_name)
+                module._parameters[attr] = nn.Parameter(backend.place(name, tensor), requires_grad=False)
         elif key in owner:
             module_name, part = owner[key]
             lp = plan.linears[module_name]

@@ -162,8 +162,12 @@ class Decoder(nn.Module):
         self.rope: RotaryEmbedding | None = None
         self.windows = sorted({layer.self_attn.window for layer in self.layers}, key=lambda w: w or 0)
 
-    def tie_weights(self) -> None:
-        self.lm_head.weight = self.embed_tokens.weight
+    def tie_weights(self, head: nn.Module) -> None:
+        """Share one matrix between embed_tokens and lm_head. `head`: the lm_head built from
+        the stored matrix, perhaps in a backend's own layout (TransposedLinear); the
+        embedding looks its rows up in the head's (out, in) view, so the matrix is held once."""
+        self.lm_head = head
+        self.embed_tokens.weight = nn.Parameter(head.weight, requires_grad=False)
 
     def setup(self, device) -> None:
         """Build the tables that are computed rather than loaded (after the weights are in)."""
