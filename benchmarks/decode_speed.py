@@ -1,12 +1,23 @@
-"""Side-by-side decode speed: vlm against transformers' generate on the same checkpoint and image.
+"""Side by side: vlm against transformers' `generate` on the same checkpoint, image and prompt.
 
-    python benchmarks/decode_speed.py [--model PATH] [--tokens N] [--backend cpu] [--json]
+    python benchmarks/decode_speed.py [--model smollm2|default-size|PATH] [--backend cpu]
+                                      [--tokens N] [--repeat R] [--json]
 
-Each implementation runs in its own subprocess (so peak RSS is its own), with the same
-prompt, image and greedy decoding; the tokens are compared. Without --model it uses the
-SmolLM2-135M LLaVA test fixture (built and cached by tests/checkpoints.py).
-Reported: time to first token (image load to first token), decode tokens/s (after the
-first token), peak RSS, and whether the token ids are identical.
+--model: `smollm2` (default) is the engine issue's fixture, SmolLM2-135M-Instruct's real
+weights as the decoder of a LLaVA with a tiny CLIP; `default-size` is a random LLaVA the
+size of the CLI's default model (SigLIP-so400m-384 + Qwen2-0.5B, 729 image tokens; see
+tests/family_checkpoints.py). Both are built and cached on first use.
+--backend: what vlm runs with, and what transformers is compared against:
+    cpu, cpu-bf16   transformers in fp32 (the issue's baseline for bf16 too); for cpu-bf16
+                    vlm fp32 runs as well, to count how many greedy tokens bf16 keeps
+    int8, int4      the checkpoint converted once by `vlm convert` (int8 / nf4), which both
+                    load: transformers reads its quantization_config, bitsandbytes' kernels
+                    run in both
+Each run is its own subprocess (so peak RSS is its own, and nothing is warm from the other);
+the implementations alternate R times and the medians are reported. Each process does one
+warm-up generation first. Reported: time to first token (from the image file to the first
+new token), decode tokens/s (after the first token), peak RSS, and whether the greedy tokens
+are identical.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -33,18 +45,17 @@ def run_vlm(model: str, image: str, tokens: int, backend: str) -> dict:
     from vlmcli.pipeline import Pipeline
 
     pipe = Pipeline.load(model, backend)
-    opts = SamplingOptions(max_new_tokens=tokens, temperature=0)
     pipe.describe([image], PROMPT, SamplingOptions(max_new_tokens=2, temperature=0))  # warm-up
     stamps = []
     t0 = time.perf_counter()
-    answer = pipe.describe([image], PROMPT, opts, on_text=lambda _: stamps.append(time.perf_counter()))
-    t1 = time.perf_counter()
-    first = answer.timings.preprocess_ms + answer.timings.vision_ms + answer.timings.prefill_ms
+    answer = pipe.describe(
+        [image], PROMPT, SamplingOptions(max_new_tokens=tokens, temperature=0),
+        on_text=lambda _: stamps.append(time.perf_counter()),
+    )
     return {
-        "impl": f"vlm ({backend})",
-        "ttft_ms": first,
+        "impl": f"vlm {backend}",
+        "ttft_ms": answer.timings.preprocess_ms + answer.timings.vision_ms + answer.timings.prefill_ms,
         "decode_tok_s": answer.timings.decode_tokens_per_s,
-        "total_s": t1 - t0,
         "tokens": answer.tokens,
         "peak_rss_mb": _peak_rss_mb(),
     }
@@ -59,9 +70,10 @@ def run_transformers(model: str, image: str, tokens: int, backend: str) -> dict:
 
     ref = transformers.LlavaForConditionalGeneration.from_pretrained(model, dtype=torch.float32).eval()
     processor = transformers.AutoProcessor.from_pretrained(model)
-    messages = [user_message(PROMPT, 1)]
     owner = processor if processor.chat_template else processor.tokenizer
-    text = owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = owner.apply_chat_template([user_message(PROMPT, 1)], add_generation_prompt=True, tokenize=False)
+    eos = ref.generation_config.eos_token_id
+    stop = set(eos if isinstance(eos, list) else [eos])
 
     class Clock(transformers.generation.streamers.BaseStreamer):
         def __init__(self):
@@ -79,22 +91,68 @@ def run_transformers(model: str, image: str, tokens: int, backend: str) -> dict:
         inputs = processor(text=text, images=[Image.open(image).convert("RGB")], return_tensors="pt")
         with torch.inference_mode():
             out = ref.generate(**inputs, max_new_tokens=n, do_sample=False, streamer=clock)
-        return t0, clock.stamps, out[0, inputs["input_ids"].shape[1] :].tolist()
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        if stop & set(new):  # cut at the stop token, which vlm does not return
+            new = new[: min(new.index(s) for s in stop & set(new))]
+        return t0, clock.stamps, new
 
     once(2)  # warm-up
     t0, stamps, ids = once(tokens)
     # stamps[0] is the prompt, stamps[1] the first new token
-    ttft = (stamps[1] - t0) * 1000
     n_decode = len(stamps) - 2
-    decode = n_decode / (stamps[-1] - stamps[1]) if n_decode > 0 else 0.0
     return {
-        "impl": "transformers",
-        "ttft_ms": ttft,
-        "decode_tok_s": decode,
-        "total_s": stamps[-1] - t0,
+        "impl": "transformers" + (" + bitsandbytes" if backend.startswith("int") else " fp32"),
+        "ttft_ms": (stamps[1] - t0) * 1000,
+        "decode_tok_s": n_decode / (stamps[-1] - stamps[1]) if n_decode > 0 else 0.0,
         "tokens": ids,
         "peak_rss_mb": _peak_rss_mb(),
     }
+
+
+def resolve_model(name: str | None, backend: str) -> str:
+    """The checkpoint both sides load: a named fixture (built once), converted for int8/int4."""
+    from tests.checkpoints import _default_cache_root, smollm2_llava_checkpoint
+    from tests.family_checkpoints import default_size_checkpoint
+
+    if name in (None, "smollm2"):
+        path = smollm2_llava_checkpoint()
+    elif name == "default-size":
+        path = default_size_checkpoint()
+    else:
+        path = Path(name)
+    if not backend.startswith("int"):
+        return str(path)
+    from vlmcli.convert import ConvertOptions, convert
+
+    fmt = "int8" if backend.startswith("int8") else "nf4"
+    out = _default_cache_root() / f"{path.name}-{fmt}"
+    if not (out / "config.json").is_file():
+        convert(str(path), out, ConvertOptions(to=fmt), download_progress=False)
+    return str(out)
+
+
+def _child(which: str, model: str, image: str, tokens: int, backend: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", which, "--model", model, "--image", image,
+           "--tokens", str(tokens), "--backend", backend]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode:
+        sys.exit(f"{which} ({backend}) failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _median(runs: list[dict]) -> dict:
+    row = dict(runs[0])
+    for key in ("ttft_ms", "decode_tok_s", "peak_rss_mb"):
+        row[key] = statistics.median(r[key] for r in runs)
+        row[key + "_all"] = [round(r[key], 2) for r in runs]
+    return row
+
+
+def agreement(a: list[int], b: list[int]) -> dict:
+    """How far two greedy continuations agree: the common prefix, and positions equal."""
+    prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    n = max(len(a), len(b))
+    return {"common_prefix": prefix, "positions_equal": sum(x == y for x, y in zip(a, b)), "of": n}
 
 
 def main() -> None:
@@ -103,6 +161,7 @@ def main() -> None:
     parser.add_argument("--image")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", choices=["vlm", "transformers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,29 +171,45 @@ def main() -> None:
         print(json.dumps(fn(args.model, args.image, args.tokens, args.backend)))
         return
 
-    from tests.checkpoints import smollm2_llava_checkpoint, write_test_image
+    from tests.checkpoints import write_test_image
 
-    model = args.model or str(smollm2_llava_checkpoint())
+    model = resolve_model(args.model, args.backend)
     image = args.image or str(write_test_image(Path("/tmp/vlm-bench.png"), size=(640, 480), seed=7))
-    rows = []
-    for child in ("transformers", "vlm"):
-        cmd = [sys.executable, __file__, "--child", child, "--model", model, "--image", image,
-               "--tokens", str(args.tokens), "--backend", args.backend]
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if out.returncode:
-            sys.exit(f"{child} failed:\n{out.stderr}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    ref, ours = rows
-    same = [t for t in ref["tokens"] if t not in (0, 2)] == ours["tokens"][: len(ref["tokens"])]
+    plan = [("transformers", args.backend), ("vlm", args.backend)]
+    if args.backend == "cpu-bf16":
+        plan.append(("vlm", "cpu"))  # the fp32 tokens bf16 is compared with
+    runs: dict[tuple[str, str], list[dict]] = {p: [] for p in plan}
+    for _ in range(args.repeat):
+        for which, backend in plan:
+            runs[(which, backend)].append(_child(which, model, image, args.tokens, backend))
+    rows = [_median(runs[p]) for p in plan]
+    ref, ours = rows[0], rows[1]
+    result = {
+        "model": model,
+        "backend": args.backend,
+        "tokens": args.tokens,
+        "repeat": args.repeat,
+        "rows": rows,
+        "decode_ratio": ours["decode_tok_s"] / ref["decode_tok_s"],
+        "ttft_ratio": ours["ttft_ms"] / ref["ttft_ms"],
+        "rss_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
+        "same_tokens_as_transformers": ref["tokens"] == ours["tokens"],
+    }
+    if args.backend == "cpu-bf16":
+        result["bf16_vs_fp32"] = agreement(rows[2]["tokens"], ours["tokens"])
     if args.json:
-        print(json.dumps({"model": model, "rows": rows, "same_tokens": same}))
+        print(json.dumps(result))
         return
-    print(f"model: {model}\nimage: {image}, {args.tokens} new tokens, greedy\n")
-    print(f"{'':22} {'TTFT ms':>9} {'decode tok/s':>13} {'peak RSS MB':>12}")
+    print(f"model: {model}\nimage: {image}, {args.tokens} new tokens, greedy, median of {args.repeat}\n")
+    print(f"{'':28} {'TTFT ms':>9} {'decode tok/s':>13} {'peak RSS MB':>12}")
     for r in rows:
-        print(f"{r['impl']:22} {r['ttft_ms']:9.1f} {r['decode_tok_s']:13.2f} {r['peak_rss_mb']:12.0f}")
-    print(f"\ndecode ratio vlm/transformers: {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x; "
-          f"TTFT ratio: {ours['ttft_ms'] / ref['ttft_ms']:.2f}; same tokens: {same}")
+        print(f"{r['impl']:28} {r['ttft_ms']:9.1f} {r['decode_tok_s']:13.2f} {r['peak_rss_mb']:12.0f}")
+    print(f"\nvlm / transformers: decode {result['decode_ratio']:.2f}x, TTFT {result['ttft_ratio']:.2f}, "
+          f"peak RSS {result['rss_ratio']:.2f}; same tokens: {result['same_tokens_as_transformers']}")
+    if "bf16_vs_fp32" in result:
+        a = result["bf16_vs_fp32"]
+        print(f"bf16 vs fp32 greedy tokens: first {a['common_prefix']} identical, "
+              f"{a['positions_equal']} of {a['of']} positions equal")
 
 
 if __name__ == "__main__":

@@ -232,3 +232,46 @@ def test_convert_needs_bitsandbytes_only_to_quantize(capsys, no_bitsandbytes, ll
     code, out, err = run(capsys, "convert", llava_ckpt, tmp_path / "h", "--to", "bf16", "-q")
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]
+
+
+@pytest.mark.parametrize("shape", [(48, 32), (32, 32), (7, 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fp32_cpu_layers_with_more_outputs_are_stored_transposed(shape, bias):
+    """The layout only: the same products (to fp32 rounding) and the same `weight`."""
+    from torch import nn
+
+    from backends.base import TransposedLinear, dense_linear
+
+    gen = torch.Generator().manual_seed(0)
+    w16 = torch.randn(shape, generator=gen).half()  # as stored; converted while laid out
+    b = torch.randn(shape[0], generator=gen) if bias else None
+    layer = dense_linear(w16, b, torch.device("cpu"), torch.float32)
+    assert isinstance(layer, TransposedLinear)
+    assert layer.weight_t.is_contiguous() and layer.weight_t.shape == (shape[1], shape[0])
+    assert torch.equal(layer.weight, w16.float())
+    x = torch.randn(2, 3, shape[1], generator=gen)
+    expected = nn.functional.linear(x, w16.float(), b)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, device_dtype", [((32, 48), torch.float32), ((48, 32), torch.bfloat16)], ids=["fewer-outputs", "bf16"]
+)
+def test_other_layers_stay_nn_linear(shape, device_dtype):
+    from torch import nn
+
+    from backends.base import dense_linear
+
+    layer = dense_linear(torch.randn(shape), None, torch.device("cpu"), device_dtype)
+    assert type(layer) is nn.Linear and layer.weight.dtype == device_dtype
+
+
+def test_tied_embedding_reads_the_transposed_head(make_llava):
+    """One matrix for both: the embedding is a view of lm_head's transposed storage."""
+    from vlmcli.pipeline import Pipeline
+
+    dec = Pipeline.load(str(make_llava(tie_word_embeddings=True)), "cpu").model.decoder
+    head, emb = dec.lm_head, dec.embed_tokens.weight
+    assert emb.untyped_storage().data_ptr() == head.weight_t.untyped_storage().data_ptr()
+    ids = torch.tensor([[1, 5, 7]])
+    assert torch.equal(dec.embed_tokens(ids)[0], head.weight_t[:, [1, 5, 7]].t())

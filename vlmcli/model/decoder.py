@@ -103,24 +103,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None) -> torch.Tensor:
+    def forward(
+        self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         """masks: the attention mask per window size, as Decoder.forward computes them once
-        for all layers; None computes this layer's here."""
+        for all layers; None computes this layer's here. last_only: keys and values for every
+        position (the cache needs them), the output for the last position only."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        key_pos = pos if cache is not None else 0  # without a cache the keys are just this chunk
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
-        if masks is None:  # without a cache the keys are just this chunk
-            mask = causal_mask(pos if cache is not None else 0, T, x.device, self.window)
+        k = apply_rope(k, cos, sin)
+        if last_only and T > 1:
+            x, cos, sin = x[:, -1:], cos[-1:], sin[-1:]
+            mask = causal_mask(key_pos + T - 1, 1, x.device, self.window)
+        elif masks is None:
+            mask = causal_mask(key_pos, T, x.device, self.window)
         else:
             mask = masks[self.window]
+        Tq = x.shape[1]
+        q = self.q_proj(x).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hd)
+        q = apply_rope(q, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(mask is None and T > 1), enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=(mask is None and Tq > 1), enable_gqa=self.n_kv != self.n_heads
         )
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))
 
 
 class MLP(nn.Module):
@@ -143,8 +152,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, masks)
+    def forward(
+        self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, masks, last_only)
+        x = x[:, -h.shape[1] :] + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -197,8 +209,8 @@ class Decoder(nn.Module):
         key_pos = pos if cache is not None else 0
         masks = {w: causal_mask(key_pos, T, embeds.device, w) for w in self.windows}
         x = embeds
-        for block in self.layers:
-            x = block(x, cos, sin, pos, cache, masks)
-        if last_only:  # generation needs only the next-token distribution
-            x = x[:, -1:]
+        # Generation needs only the next-token distribution: the last block (past its keys
+        # and values, which the cache keeps) and the head run for the last position alone.
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, pos, cache, masks, last_only=last_only and i == len(self.layers) - 1)
         return self.lm_head(self.norm(x))
