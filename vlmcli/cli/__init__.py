@@ -11,7 +11,7 @@ import sys
 import typer
 
 from vlmcli import __version__
-from vlmcli.cli import chat, convert, describe, info
+from vlmcli.cli import bench, chat, convert, describe, info
 from vlmcli.cli.console import err_console, state
 from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, VlmError
 
@@ -47,6 +47,7 @@ app.command("describe")(describe.describe)
 app.command("chat")(chat.chat)
 app.command("convert")(convert.convert)
 app.command("info")(info.info)
+app.command("bench")(bench.bench)
 
 
 def _torch_oom() -> type[BaseException]:

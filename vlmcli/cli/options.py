@@ -18,19 +18,14 @@ Model = Annotated[
         show_envvar=True,
     ),
 ]
+BACKEND_HELP = (
+    "Where and how to run: auto, cpu, cpu-bf16, cuda (fp16), bf16, int8, int4 (nf4); "
+    "bitsandbytes options after a colon, e.g. int4:fp4,dq or int8:threshold=4. auto: a "
+    "quantized model in its own format, else cuda when there is a GPU, else cpu."
+)
 BackendName = Annotated[
     str,
-    typer.Option(
-        "--backend",
-        "-b",
-        envvar="VLM_BACKEND",
-        help=(
-            "Where and how to run: auto, cpu, cpu-bf16, cuda (fp16), bf16, int8, int4 (nf4); "
-            "bitsandbytes options after a colon, e.g. int4:fp4,dq or int8:threshold=4. auto: a "
-            "quantized model in its own format, else cuda when there is a GPU, else cpu."
-        ),
-        show_envvar=True,
-    ),
+    typer.Option("--backend", "-b", envvar="VLM_BACKEND", help=BACKEND_HELP, show_envvar=True),
 ]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
 Temperature = Annotated[
