@@ -113,7 +113,11 @@ class Generation:
     end_pos: int = 0  # cache positions in use after the last token fed back
 
 
-def _ms_since(t0: float) -> float:
+def ms_since(t0: float, device: torch.device | None = None) -> float:
+    """Milliseconds since `t0`, once `device`'s queued work has finished (GPU kernels run
+    after the Python call returns; without the wait a stage's time would land in the next)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return (time.perf_counter() - t0) * 1000
 
 
@@ -148,7 +152,7 @@ def generate(
 
     t0 = time.perf_counter()
     logits = model.decoder(model.embed(ids, visual_tokens), start_pos, cache)[0, -1]
-    timings.prefill_ms += _ms_since(t0)
+    timings.prefill_ms += ms_since(t0, device)
 
     out = Generation()
     pos = start_pos + len(input_ids)
@@ -170,6 +174,6 @@ def generate(
         logits = model.decoder(embeds, pos, cache)[0, -1]
         pos += 1
         timings.decode_tokens += 1  # forward passes after the prefill
-    timings.decode_ms += _ms_since(t0)
+    timings.decode_ms += ms_since(t0, device)
     out.end_pos = pos
     return out

@@ -17,7 +17,7 @@ import backends
 from backends.base import Backend
 from vlmcli import checkpoint
 from vlmcli.errors import CheckpointError
-from vlmcli.generate import Generation, SamplingOptions, Timings, generate
+from vlmcli.generate import Generation, SamplingOptions, Timings, generate, ms_since
 from vlmcli.inputs import ImageInput
 from vlmcli.loader import LoadedModel, ProgressFn, load_model
 from vlmcli.preprocess import ImageProcessorConfig, load_image_with_notes, preprocess_anyres, preprocess_batch
@@ -140,7 +140,7 @@ class Pipeline:
         with torch.inference_mode():
             pixels = prepared.pixels.to(self.backend.device, self.backend.dtype)
             visual = self.model.encode_images(pixels, prepared.image_sizes, prepared.views_per_image)
-        timings.vision_ms += (time.perf_counter() - t0) * 1000
+        timings.vision_ms += ms_since(t0, self.backend.device)
         return visual
 
     def encode_images(self, sources: list[ImageSource], timings: Timings) -> tuple[object, list[str]]:
