@@ -172,3 +172,12 @@ def test_control_characters_are_escaped_on_a_terminal_only(monkeypatch, capsys):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     console.write_result(text)
     assert capsys.readouterr().out == console.terminal_safe(text)
+
+
+def test_ctrl_c_says_interrupted_and_exits_130(capsys, monkeypatch, test_image):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("vlmcli.cli.describe.load_pipeline", interrupt)
+    code, out, err = run(capsys, "describe", test_image, "-m", "demo")
+    assert (code, out, err) == (130, "", "interrupted\n")

@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="vlm", standalone_mode=False)
+        if result == EXIT_INTERRUPTED:  # Typer's Click returns Ctrl-C in a command as 130
+            err_console().print("interrupted")
         if isinstance(result, int):  # --version, --help: an exit code, not a result
             return result
     except typer.Exit as e:
