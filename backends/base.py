@@ -32,6 +32,11 @@ class Backend(Protocol):
         """dtype of activations and of every tensor the backend does not quantize."""
         ...
 
+    @property
+    def attention_dtype(self) -> torch.dtype | None:
+        """What the decoder's attention computes in; None: the activations' dtype."""
+        ...
+
     def unavailable_reason(self) -> str | None:
         """None when this backend can run here, else why not (shown to the user)."""
         ...
@@ -127,6 +132,7 @@ class DenseBackend:
     description: str
     device: torch.device
     dtype: torch.dtype
+    attention_dtype: torch.dtype | None = None
 
     def unavailable_reason(self) -> str | None:
         return None

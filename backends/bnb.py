@@ -181,6 +181,8 @@ class BnbBackend:
     def dtype(self) -> torch.dtype:
         return torch.float16 if self.device.type == "cuda" else torch.float32
 
+    attention_dtype = None
+
     @property
     def description(self) -> str:
         return f"{self._what()} on the {'GPU' if self.device.type == 'cuda' else 'CPU'}"

@@ -107,23 +107,16 @@ def run_bench(
         name: [] for name in ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s")
     }
     for _ in range(runs):
-        first_text: list[float] = []
-
-        def on_text(_piece: str) -> None:
-            if not first_text:
-                first_text.append(time.perf_counter())
-
         start = time.perf_counter()
-        # TTFT is timed with the streaming callback, from the call to the first text a user
-        # would see: it includes the steps between the stages (tokenizing, building the
-        # sequence, sampling the first token) that a sum of the stage times leaves out.
-        answer = pipe.describe([image], prompt, opts, on_text=on_text)
+        # TTFT: from the call to the first token chosen (Timings.first_token_at), so it
+        # includes the steps between the stages (tokenizing, building the sequence, sampling)
+        # that a sum of the stage times leaves out.
+        answer = pipe.describe([image], prompt, opts)
         t = answer.timings
         stages["preprocess_ms"].append(t.preprocess_ms)
         stages["vision_ms"].append(t.vision_ms)
         stages["prefill_ms"].append(t.prefill_ms)
-        if first_text:  # none when the first token is a stop token
-            stages["ttft_ms"].append((first_text[0] - start) * 1000)
+        stages["ttft_ms"].append((t.first_token_at - start) * 1000)
         if t.decode_tokens:  # none when one token was asked for or the second one stopped
             stages["decode_tokens_per_s"].append(t.decode_tokens_per_s)
 

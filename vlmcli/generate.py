@@ -92,6 +92,7 @@ class Timings:
     prefill_ms: float = 0.0
     decode_ms: float = 0.0
     decode_tokens: int = 0  # single-token forward passes timed in decode_ms
+    first_token_at: float = 0.0  # time.perf_counter() when the first token was chosen
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -159,6 +160,8 @@ def generate(
     t0 = time.perf_counter()
     for step in range(opts.max_new_tokens):
         token = next_token(logits, seen, opts, generator)
+        if step == 0:
+            timings.first_token_at = time.perf_counter()
         if token in stop_ids:
             out.finish_reason = "stop"
             break

@@ -46,7 +46,7 @@ def load_model(folder: Path, backend: Backend, progress: ProgressFn | None = Non
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
     unused = _fill(model, files, family, backend, progress)
-    model.decoder.setup(backend.device)
+    model.decoder.setup(backend.device, backend.attention_dtype)
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, family, folder, unused)
 

@@ -98,6 +98,7 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.window_for(layer_index)
+        self.attention_dtype: torch.dtype | None = None  # None: the activations' dtype
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -126,9 +127,12 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
+        dtype = q.dtype
+        if self.attention_dtype is not None and self.attention_dtype != dtype:
+            q, k, v = q.to(self.attention_dtype), k.to(self.attention_dtype), v.to(self.attention_dtype)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=(mask is None and Tq > 1), enable_gqa=self.n_kv != self.n_heads
-        )
+        ).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))
 
 
@@ -181,9 +185,13 @@ class Decoder(nn.Module):
         self.lm_head = head
         self.embed_tokens.weight = nn.Parameter(head.weight, requires_grad=False)
 
-    def setup(self, device) -> None:
-        """Build the tables that are computed rather than loaded (after the weights are in)."""
+    def setup(self, device, attention_dtype: torch.dtype | None = None) -> None:
+        """Build the tables that are computed rather than loaded (after the weights are in).
+        attention_dtype: what attention computes in, when a backend wants it to differ from
+        the activations' (see backends/cpu.py)."""
         self.rope = RotaryEmbedding(self.cfg.rope, self.cfg.head_dim, self.cfg.max_position_embeddings, device)
+        for layer in self.layers:
+            layer.self_attn.attention_dtype = attention_dtype
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
         w = self.embed_tokens.weight
