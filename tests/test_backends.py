@@ -214,7 +214,7 @@ def test_cpu_bf16_runs_the_tiny_model(llava_ckpt, test_image):
     from vlmcli.preprocess import load_image, preprocess_batch
 
     ref, bf16 = Pipeline.load(str(llava_ckpt), "cpu"), Pipeline.load(str(llava_ckpt), "cpu-bf16")
-    assert bf16.model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert bf16.model.decoder.layers[0].mlp.gate_up_proj.weight.dtype == torch.bfloat16
     pixels = preprocess_batch([load_image(test_image)], ref.image_config)
     ids = torch.tensor([[1, 5, 9, 12, 40, 41, 42]])
     with torch.inference_mode():

@@ -102,7 +102,7 @@ def test_dense_backend_dequantizes_a_4bit_checkpoint(hf_quantized, test_image):
     path = hf_quantized("nf4")
     ours = Pipeline.load(str(path), "cpu")
     assert quantized_module_names(ours.model) == {}
-    assert ours.model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert ours.model.decoder.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32
     ref = load_reference(path)
     inputs = reference_inputs(path, [test_image], PROMPT)
     with torch.inference_mode():

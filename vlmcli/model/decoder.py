@@ -103,6 +103,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.o_bias)
+        self.qkv_proj: nn.Module | None = None  # q, k and v as one product, once fused (fuse_qkv)
+
+    def fuse_qkv(self, qkv: nn.Module) -> None:
+        """Replace q_proj, k_proj and v_proj by one layer computing their outputs side by side:
+        one product instead of three per step (the loader does this for plain weights)."""
+        self.qkv_proj = qkv
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.n_kv * self.head_dim
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(
         self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None, last_only: bool = False
@@ -112,19 +125,18 @@ class Attention(nn.Module):
         position (the cache needs them), the output for the last position only."""
         B, T, _ = x.shape
         key_pos = pos if cache is not None else 0  # without a cache the keys are just this chunk
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        k = apply_rope(k, cos, sin)
+        q, k, v = self._project(x)
+        k = apply_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if last_only and T > 1:
-            x, cos, sin = x[:, -1:], cos[-1:], sin[-1:]
+            q, cos, sin = q[:, -1:], cos[-1:], sin[-1:]
             mask = causal_mask(key_pos + T - 1, 1, x.device, self.window)
         elif masks is None:
             mask = causal_mask(key_pos, T, x.device, self.window)
         else:
             mask = masks[self.window]
-        Tq = x.shape[1]
-        q = self.q_proj(x).view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, Tq, hd)
-        q = apply_rope(q, cos, sin)
+        Tq = q.shape[1]
+        q = apply_rope(q.view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, nh, Tq, hd)
         if cache is not None:
             k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
         dtype = q.dtype
@@ -143,9 +155,19 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = activation(cfg.activation)
+        self.gate_up_proj: nn.Module | None = None  # gate and up as one product, once fused
+
+    def fuse_gate_up(self, gate_up: nn.Module) -> None:
+        """Replace gate_proj and up_proj by one layer computing both outputs side by side."""
+        self.gate_up_proj = gate_up
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Block(nn.Module):
