@@ -18,8 +18,6 @@ bitsandbytes takes seconds to import, so it is imported only when one of these r
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import importlib.metadata
 import importlib.util
 import logging
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from backends.base import LinearWeight, dense_linear
+from backends.base import LinearWeight, dense_linear, release_freed_memory
 from backends.cuda import cuda_unavailable_reason
 from vlmcli.errors import CheckpointError, UsageError
 from vlmcli.quantization import (
@@ -73,28 +71,6 @@ def _bnb():
     return bitsandbytes
 
 
-def _load_malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_malloc_trim = _load_malloc_trim()
-
-
-def _release_freed_memory() -> None:
-    """Give the heap's free pages back to the OS after a layer is quantized on the CPU.
-
-    Quantizing one layer makes fp32 temporaries of several times its size. glibc serves
-    blocks under 32 MB from its heap and keeps them when they are freed, scattered between
-    the small quantized tensors that stay; without this, a load's resident memory ends up
-    to 2x the quantized model (measured: 3.4 GB instead of 1.7 GB for benchmarks/
-    load_memory.py's int4), varying from run to run."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
-
-
 # ---- quantizing and dequantizing single weights (used by `vlm convert` too) -----------------
 
 
@@ -125,7 +101,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str, double_quant: bool) -> 
 def quantize(weight: torch.Tensor, fmt: str, double_quant: bool = False) -> QuantizedWeight:
     out_f, in_f = weight.shape
     tensors = quantize_int8(weight) if fmt == "int8" else quantize_4bit(weight, fmt, double_quant)
-    _release_freed_memory()
+    release_freed_memory()
     return QuantizedWeight(fmt, (out_f, in_f), tensors)
 
 
@@ -213,7 +189,7 @@ class BnbBackend:
         if bias is not None:
             layer.bias = nn.Parameter(self.place(name, bias), requires_grad=False)
         if not isinstance(weight, QuantizedWeight) and self.device.type == "cpu":
-            _release_freed_memory()
+            release_freed_memory()
         return layer
 
     def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:

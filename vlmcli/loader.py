@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from backends.base import Backend, dense_linear
+from backends.base import Backend, dense_linear, release_freed_memory
 from vlmcli.checkpoint import WeightFiles, iter_tensors, read_config, tensor_shapes, weight_files
 from vlmcli.config import MultiModalConfig
 from vlmcli.errors import CheckpointError
@@ -227,6 +227,8 @@ def _fuse_projections(model: VisionLanguageModel, backend: Backend) -> None:
         gate_up = _fused(backend, f"{prefix}.mlp.gate_up_proj", [mlp.gate_proj, mlp.up_proj])
         if gate_up is not None:
             mlp.fuse_gate_up(gate_up)
+        if backend.device.type == "cpu" and (qkv is not None or gate_up is not None):
+            release_freed_memory()  # the parts' memory, before the next layer's copies
 
 
 def _fused(backend: Backend, name: str, layers: list[nn.Module]) -> nn.Module | None:
