@@ -352,3 +352,28 @@ def test_sigkill_leaves_no_output_or_a_complete_one(llava_ckpt, tmp_path, files_
     # a later convert still works, whatever the killed one left in its temporary folder
     convert(str(llava_ckpt), out, ConvertOptions(to="int8", max_shard_bytes=20_000, force=True), download_progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in reference.iterdir())
+
+
+def test_sigterm_cleans_up_like_ctrl_c(capsys, monkeypatch, llava_ckpt, tmp_path):
+    """SIGTERM mid-write (sent by the process to itself, so the moment is exact): the
+    temporary folder is removed, OUTPUT never appears, exit 143 with one line."""
+    import os
+    import signal
+
+    from vlmcli.cli import sigterm_raises
+
+    calls = {"n": 0}
+    real = ckpt_module.ShardedWriter.add
+
+    def add(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, name, tensor)
+
+    monkeypatch.setattr(ckpt_module.ShardedWriter, "add", add)
+    out = tmp_path / "out"
+    with sigterm_raises():
+        code, stdout, err = run(capsys, "convert", llava_ckpt, out, "--to", "int8", "-q")
+    assert (code, stdout, err) == (143, "", "terminated\n")
+    assert not out.exists() and _leftovers(tmp_path) == []

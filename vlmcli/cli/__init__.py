@@ -1,19 +1,22 @@
 """The `vlm` command: a Typer app whose commands are thin wrappers over the library.
 
 `main()` is the console script. It owns the contract's exit codes: 0 ok, 1 failure,
-2 usage, 130 interrupted; one line on stderr for every error, a traceback only with --debug.
+2 usage, 130 interrupted (143 terminated); one line on stderr for every error, a traceback only with --debug.
 """
 
 from __future__ import annotations
 
+import signal
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import typer
 
 from vlmcli import __version__
 from vlmcli.cli import bench, chat, convert, describe, info
 from vlmcli.cli.console import err_console, state
-from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, VlmError
+from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, VlmError
 
 app = typer.Typer(
     name="vlm",
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         err_console().print("interrupted")
         return EXIT_INTERRUPTED
+    except Terminated:
+        err_console().print("terminated")
+        return EXIT_TERMINATED
     except VlmError as e:
         if state.debug:
             err_console().print_exception()
@@ -101,5 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that cleanups run on the way out (convert's
+    temporary folder, bench's child process) as they do for Ctrl-C."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run() -> None:
-    sys.exit(main())
+    with sigterm_raises():
+        code = main()
+    sys.exit(code)
