@@ -80,7 +80,11 @@ MISTRAL_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
-# LlavaNextConfig's default grid for 336 px tiles, scaled to 30 px tiles.
+# The grids of the llava-hf repos: LlavaNextConfig's default for 336 px tiles, and
+# LlavaOnevisionConfig's (384 .. 2304 px, 1 to 6 tiles a side).
+HUB_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+HUB_ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+# The NeXT grid scaled to 30 px tiles.
 NEXT_PINPOINTS = [[30, 60], [60, 30], [60, 60], [90, 30], [30, 90]]
 # LlavaOnevisionConfig's default grid (384 .. 2304 px, 1 to 6 tiles a side), scaled to 30 px
 # tiles and cut to 1-3 tiles a side to keep the tests fast.

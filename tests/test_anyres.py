@@ -16,10 +16,9 @@ transformers = pytest.importorskip("transformers")
 from vlmcli.config import MultiModalConfig  # noqa: E402
 from vlmcli.preprocess import ImageProcessorConfig, anyres_views, preprocess_anyres  # noqa: E402
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+from tests.checkpoints import CLIP_MEAN, CLIP_STD  # noqa: E402
+from tests.family_checkpoints import HUB_NEXT_PINPOINTS as NEXT_PINPOINTS  # noqa: E402
+from tests.family_checkpoints import HUB_ONEVISION_PINPOINTS as ONEVISION_PINPOINTS  # noqa: E402
 
 # llava-hf/llava-v1.6-*-hf/preprocessor_config.json
 NEXT_PREPROCESSOR = {
@@ -31,8 +30,8 @@ NEXT_PREPROCESSOR = {
     "do_rescale": True,
     "do_resize": True,
     "image_grid_pinpoints": NEXT_PINPOINTS,
-    "image_mean": CLIP_MEAN,
-    "image_std": CLIP_STD,
+    "image_mean": list(CLIP_MEAN),
+    "image_std": list(CLIP_STD),
     "resample": 3,
     "rescale_factor": 1 / 255,
     "size": {"shortest_edge": 336},

@@ -26,8 +26,9 @@ from vlmcli import loader  # noqa: E402
 from vlmcli.errors import CheckpointError  # noqa: E402
 from vlmcli.families import describe, family_for  # noqa: E402
 
-NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
+from tests.family_checkpoints import HUB_NEXT_PINPOINTS as NEXT_PINPOINTS  # noqa: E402
+from tests.family_checkpoints import HUB_ONEVISION_PINPOINTS as ONEVISION_PINPOINTS  # noqa: E402
+
 SIGLIP_SO400M = {
     "hidden_act": "gelu_pytorch_tanh",
     "hidden_size": 1152,

@@ -35,8 +35,7 @@ except ImportError:  # transformers 4.x: the default classes are the PIL ones
     from transformers import CLIPImageProcessor as RefCLIP
     from transformers import SiglipImageProcessor as RefSiglip
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from tests.checkpoints import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 # llava-hf/llava-1.5-7b-hf's preprocessor_config.json
 LLAVA15 = {
@@ -46,9 +45,9 @@ LLAVA15 = {
     "do_normalize": True,
     "do_rescale": True,
     "do_resize": True,
-    "image_mean": CLIP_MEAN,
+    "image_mean": list(CLIP_MEAN),
     "image_processor_type": "CLIPImageProcessor",
-    "image_std": CLIP_STD,
+    "image_std": list(CLIP_STD),
     "processor_class": "LlavaProcessor",
     "resample": 3,
     "rescale_factor": 0.00392156862745098,
