@@ -275,3 +275,62 @@ def test_tied_embedding_reads_the_transposed_head(make_llava):
     assert emb.untyped_storage().data_ptr() == head.weight_t.untyped_storage().data_ptr()
     ids = torch.tensor([[1, 5, 7]])
     assert torch.equal(dec.embed_tokens(ids)[0], head.weight_t[:, [1, 5, 7]].t())
+
+
+@pytest.mark.parametrize("spec", ["cpu", "cpu-bf16"])
+def test_dense_backends_fuse_qkv_and_gate_up_from_the_stored_weights(llava_ckpt, spec):
+    """One product for q/k/v and one for gate/up, holding exactly the checkpoint's rows in order."""
+    from safetensors.torch import load_file
+
+    from vlmcli.pipeline import Pipeline
+
+    dtype = torch.float32 if spec == "cpu" else torch.bfloat16
+    stored = load_file(str(llava_ckpt / "model.safetensors"))
+    prefix = next(k for k in stored if k.endswith("layers.0.self_attn.q_proj.weight")).removesuffix("self_attn.q_proj.weight")
+    block = Pipeline.load(str(llava_ckpt), spec).model.decoder.layers[0]
+    assert block.self_attn.attention_dtype == backends.build(spec).attention_dtype  # what setup was told
+    assert not hasattr(block.self_attn, "q_proj") and not hasattr(block.mlp, "up_proj")
+    qkv = torch.cat([stored[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"])
+    gate_up = torch.cat([stored[f"{prefix}mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    assert torch.equal(block.self_attn.qkv_proj.weight, qkv.to(dtype))
+    assert torch.equal(block.mlp.gate_up_proj.weight, gate_up.to(dtype))
+
+
+def test_bf16_products_over_many_rows_run_in_fp32(monkeypatch):
+    """Without bf16 kernels: up to 8 rows a bf16 product, past that an fp32 product of the same
+    bf16 values rounded to bf16 once; attention in fp32. With them: plain bf16 layers."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import backends.cpu as cpu
+    from backends.cpu import UpcastLinear
+
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen)
+    monkeypatch.setattr(cpu, "fast_bf16_matmul", lambda: False)
+    backend = CpuBf16Backend()
+    assert backend.attention_dtype == torch.float32
+    layer = backend.make_linear("decoder.layers.0.mlp.up_proj", w, b)
+    assert isinstance(layer, UpcastLinear)
+    wb, bb = w.bfloat16(), b.bfloat16()
+    real_linear, computed_in = F.linear, []
+
+    def spy(x, weight, bias=None):  # which product ran: small sizes round alike either way
+        computed_in.append(x.dtype)
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "linear", spy)
+    few = torch.randn(1, 8, 32, generator=gen).bfloat16()
+    assert torch.equal(layer(few), real_linear(few, wb, bb))
+    many = torch.randn(1, 9, 32, generator=gen).bfloat16()
+    got = layer(many)
+    assert computed_in == [torch.bfloat16, torch.float32]
+    monkeypatch.setattr(F, "linear", real_linear)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, F.linear(many.float(), wb.float(), bb.float()).bfloat16())
+    # the same values as the emulated bf16 product, up to the rounding of its sums
+    torch.testing.assert_close(got.float(), F.linear(many, wb, bb).float(), rtol=2**-7, atol=2**-7)
+
+    monkeypatch.setattr(cpu, "fast_bf16_matmul", lambda: True)
+    assert backend.attention_dtype is None
+    assert type(backend.make_linear("decoder.layers.0.mlp.up_proj", w, b)) is nn.Linear
