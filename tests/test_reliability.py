@@ -55,6 +55,16 @@ def test_index_entry_leaving_the_folder_refused(capsys, sharded, test_image, esc
     assert err.startswith("error: ") and f"names a shard outside the model folder: '{escape}'" in err
 
 
+def test_index_entry_with_a_nul_character_refused(capsys, sharded, test_image):
+    """Found by test_fuzz: the OS refuses such a path with a ValueError, not an OSError."""
+    index = _index(sharded)
+    index["weight_map"][next(iter(index["weight_map"]))] = "model\x00.safetensors"
+    _write_index(sharded, index)
+    code, out, err = run(capsys, "describe", test_image, "-m", sharded)
+    assert (code, out) == (1, "")
+    assert err.startswith("error: ") and "names a shard with a NUL character: 'model\\x00.safetensors'" in err
+
+
 def test_checkpoint_code_is_never_run(capsys, llava_ckpt, test_image, tmp_path):
     """auto_map points at Python in the folder; vlm must load the model without importing it."""
     folder = tmp_path / "m"

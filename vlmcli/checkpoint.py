@@ -142,6 +142,8 @@ def weight_files(folder: Path) -> WeightFiles:
         for shard in weight_map.values():
             if not isinstance(shard, str):
                 raise CheckpointError(f"{index}: shard names must be strings")
+            if "\x00" in shard:  # no file can have such a name; the OS refuses the path
+                raise CheckpointError(f"{index} names a shard with a NUL character: {shard!r}")
             if shard not in names:
                 names.append(shard)
         files = []
