@@ -122,6 +122,27 @@ def ms_since(t0: float, device: torch.device | None = None) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+class CompiledStep:
+    """`model.step` under `torch.compile`, with the slot as a device tensor, so one graph
+    serves every token of every generation on caches of one size (the cache is an input
+    of the graph, written in place; its length fixes the attention's shapes). A cache of
+    another length compiles once more; `compiles` counts how often that happened."""
+
+    def __init__(self, model, **compile_options):
+        self.model = model
+        self._fn = torch.compile(model.step, dynamic=False, **compile_options)
+        self._lengths: set[int] = set()
+
+    @property
+    def compiles(self) -> int:
+        return len(self._lengths)
+
+    def __call__(self, tokens: torch.Tensor, slot: int, cache: KVCache) -> torch.Tensor:
+        self._lengths.add(cache.max_len)
+        slots = torch.tensor([slot], device=tokens.device)
+        return self._fn(tokens, slots, cache)
+
+
 @torch.inference_mode()
 def generate(
     model: VisionLanguageModel,
@@ -132,18 +153,23 @@ def generate(
     cache: KVCache,
     *,
     start_pos: int = 0,
+    prefix: int = 0,
     history: list[int] | None = None,
     on_token: Callable[[int], None] | None = None,
     timings: Timings | None = None,
+    step: Callable[[torch.Tensor, int, KVCache], torch.Tensor] | None = None,
 ) -> Generation:
     """Prefill `input_ids` (with `visual_tokens` in their image slots) at cache position
     `start_pos`, then decode until a stop token or max_new_tokens.
 
-    `history` is the ids already in the cache before start_pos (chat turns), used only by
-    the repetition penalty. A stop token ends generation and is not returned; `on_token`
-    is called with each returned token as soon as it is chosen.
+    `prefix`: slots 0..prefix-1 attend both ways (PaliGemma's image + prompt). `history`
+    is the ids already in the cache before start_pos (chat turns), used only by the
+    repetition penalty. A stop token ends generation and is not returned; `on_token` is
+    called with each returned token as soon as it is chosen. `step`: how one token is
+    decoded (a CompiledStep); by default `model.step`, eagerly.
     """
     timings = timings if timings is not None else Timings()
+    step = step or model.step
     device = model.decoder.embed_tokens.weight.device
     generator = None
     if opts.seed is not None:
@@ -152,15 +178,15 @@ def generate(
     seen = torch.tensor((history or []) + input_ids, device=device)
 
     t0 = time.perf_counter()
-    logits = model.decoder(model.embed(ids, visual_tokens), start_pos, cache)[0, -1]
+    logits = model.prefill(ids, visual_tokens, cache, start_pos, prefix=prefix)[0]
     timings.prefill_ms += ms_since(t0, device)
 
     out = Generation()
     pos = start_pos + len(input_ids)
     t0 = time.perf_counter()
-    for step in range(opts.max_new_tokens):
+    for n in range(opts.max_new_tokens):
         token = next_token(logits, seen, opts, generator)
-        if step == 0:
+        if n == 0:
             timings.first_token_at = time.perf_counter()
         if token in stop_ids:
             out.finish_reason = "stop"
@@ -168,13 +194,12 @@ def generate(
         out.tokens.append(token)
         if on_token:
             on_token(token)
-        if step == opts.max_new_tokens - 1:
+        if n == opts.max_new_tokens - 1:
             break  # the last token needs no forward pass of its own
         if pos >= cache.max_len:
             break  # context full: reported as "length"
         seen = torch.cat([seen, torch.tensor([token], device=device)])
-        embeds = model.decoder.embed_tokens(torch.tensor([[token]], device=device))
-        logits = model.decoder(embeds, pos, cache)[0, -1]
+        logits = step(torch.tensor([[token]], device=device), pos, cache)[0]
         pos += 1
         timings.decode_tokens += 1  # forward passes after the prefill
     timings.decode_ms += ms_since(t0, device)

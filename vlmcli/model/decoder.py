@@ -73,20 +73,33 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin  # x (B, nh, T, hd), cos/sin (T, hd)
 
 
-def causal_mask(pos: int, length: int, device, window: int | None = None) -> torch.Tensor | None:
+def causal_mask(
+    pos: int, length: int, device, window: int | None = None, prefix: int = 0
+) -> torch.Tensor | None:
     """Boolean mask for `length` queries starting at `pos` over keys 0..pos+length-1; with a
-    sliding `window`, query q sees only keys q-window+1..q.
+    sliding `window`, query q sees only keys q-window+1..q; with a `prefix` (prefix-LM, as
+    PaliGemma), the first `prefix` positions also see each other in both directions.
 
-    None when SDPA's own handling is exact: the window cuts nothing, and either one query
-    sees every cached key or a prefill from position 0 is plain causal."""
+    None when SDPA's own handling is exact: the window cuts nothing, no query of this chunk
+    lies in a bidirectional prefix, and either one query sees every cached key or a prefill
+    from position 0 is plain causal."""
     end = pos + length
-    if window is None or end <= window:
+    if pos >= prefix and (window is None or end <= window):
         if length == 1 or pos == 0:
             return None
         window = None
     q = torch.arange(pos, end, device=device)[:, None]
-    k = torch.arange(end, device=device)[None, :]
-    mask = k <= q  # (T, pos+T)
+    return slot_mask(q, end, device, window, prefix)
+
+
+def slot_mask(q: torch.Tensor, n_keys: int, device, window: int | None = None, prefix: int = 0) -> torch.Tensor:
+    """Boolean (T, n_keys) mask for queries at cache slots `q` (T, 1) over keys 0..n_keys-1:
+    causal, within `window`, and bidirectional over the first `prefix` slots. Built from
+    tensors only, so a compiled step computes it inside its graph."""
+    k = torch.arange(n_keys, device=device)[None, :]
+    mask = k <= q
+    if prefix:
+        mask |= (k < prefix) & (q < prefix)
     if window is not None:
         mask &= k > q - window
     return mask
@@ -118,27 +131,27 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(
-        self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None, last_only: bool = False
+        self, x, cos, sin, slots: int | torch.Tensor, cache: KVCache | None, masks: dict, last_only: bool = False
     ) -> torch.Tensor:
-        """masks: the attention mask per window size, as Decoder.forward computes them once
-        for all layers; None computes this layer's here. last_only: keys and values for every
-        position (the cache needs them), the output for the last position only."""
+        """slots: where this chunk goes in the cache, an int start (eager: keys 0..start+T-1
+        are read) or a LongTensor (T,) (the capturable step: the whole cache is read, the
+        mask hides what is not written yet). masks: the attention mask per window size, as
+        Decoder.forward computes them once for all layers. last_only: keys and values for
+        every position (the cache needs them), the output for the last position only."""
         B, T, _ = x.shape
-        key_pos = pos if cache is not None else 0  # without a cache the keys are just this chunk
         q, k, v = self._project(x)
         k = apply_rope(k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        mask = masks[self.window]
         if last_only and T > 1:
             q, cos, sin = q[:, -1:], cos[-1:], sin[-1:]
-            mask = causal_mask(key_pos + T - 1, 1, x.device, self.window)
-        elif masks is None:
-            mask = causal_mask(key_pos, T, x.device, self.window)
-        else:
-            mask = masks[self.window]
+            mask = masks[("last", self.window)]
         Tq = q.shape[1]
         q = apply_rope(q.view(B, Tq, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (B, nh, Tq, hd)
         if cache is not None:
-            k, v = cache.update(self.layer_index, pos, k, v)  # (B, nkv, pos+T, hd)
+            cache.write(self.layer_index, slots, k, v)
+            n_keys = slots + T if isinstance(slots, int) else None
+            k, v = cache.keys(self.layer_index, n_keys), cache.values(self.layer_index, n_keys)  # (B, nkv, S, hd)
         dtype = q.dtype
         if self.attention_dtype is not None and self.attention_dtype != dtype:
             q, k, v = q.to(self.attention_dtype), k.to(self.attention_dtype), v.to(self.attention_dtype)
@@ -179,9 +192,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x, cos, sin, pos: int, cache: KVCache | None, masks: dict | None = None, last_only: bool = False
+        self, x, cos, sin, slots: int | torch.Tensor, cache: KVCache | None, masks: dict, last_only: bool = False
     ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, pos, cache, masks, last_only)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, slots, cache, masks, last_only)
         x = x[:, -h.shape[1] :] + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -216,31 +229,60 @@ class Decoder(nn.Module):
             layer.self_attn.attention_dtype = attention_dtype
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> KVCache:
+        """A cache of `max_len` slots (default: the whole context), allocated once; the RoPE
+        tables are built to the same length, so no step ever grows them."""
         w = self.embed_tokens.weight
+        max_len = max_len or self.cfg.max_position_embeddings
+        if self.rope is not None:
+            self.rope.reserve(max_len)
         return KVCache(
             self.cfg.n_layers,
             self.cfg.n_kv_heads,
             self.cfg.head_dim,
-            max_len or self.cfg.max_position_embeddings,
+            max_len,
             batch=batch,
             dtype=w.dtype,
             device=w.device,
         )
 
     def forward(
-        self, embeds: torch.Tensor, pos: int, cache: KVCache | None, last_only: bool = True
+        self,
+        embeds: torch.Tensor,
+        slots: int | torch.Tensor,
+        cache: KVCache | None,
+        last_only: bool = True,
+        *,
+        positions: torch.Tensor | None = None,
+        prefix: int = 0,
     ) -> torch.Tensor:
-        """embeds (B, T, d) for positions pos..pos+T-1 -> logits (B, 1 or T, vocab).
+        """embeds (B, T, d) -> logits (B, 1 or T, vocab).
 
-        Without a cache the sequence is attended to on its own (training and scoring)."""
+        slots: the cache slots of the T tokens, an int start (slots start..start+T-1) or a
+        LongTensor (T,) (the capturable decode step; see Attention.forward). positions: the
+        RoPE positions, a LongTensor (T,); by default the slots. prefix: the first `prefix`
+        slots attend to each other both ways (prefix-LM); 0 is plain causal. Without a
+        cache the sequence is attended to on its own (training and scoring)."""
         T = embeds.shape[1]
-        cos, sin = self.rope(pos, T, embeds.dtype)
-        # Without a cache the keys are just this chunk, whatever its positions.
-        key_pos = pos if cache is not None else 0
-        masks = {w: causal_mask(key_pos, T, embeds.device, w) for w in self.windows}
+        device = embeds.device
+        if isinstance(slots, int) and positions is None:
+            cos, sin = self.rope(slots, T, embeds.dtype)
+        else:
+            cos, sin = self.rope.at(slots if positions is None else positions, embeds.dtype)
+        if isinstance(slots, int):
+            # Without a cache the keys are just this chunk, whatever its slots.
+            start = slots if cache is not None else 0
+            masks = {w: causal_mask(start, T, device, w, prefix) for w in self.windows}
+            if last_only and T > 1:
+                masks.update({("last", w): causal_mask(start + T - 1, 1, device, w, prefix) for w in self.windows})
+        else:
+            if cache is None:
+                raise ValueError("cache slots given as a tensor need a cache")
+            q = slots[:, None]
+            masks = {w: slot_mask(q, cache.max_len, device, w, prefix) for w in self.windows}
+            last_only = False  # one token per step
         x = embeds
         # Generation needs only the next-token distribution: the last block (past its keys
         # and values, which the cache keeps) and the head run for the last position alone.
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, pos, cache, masks, last_only=last_only and i == len(self.layers) - 1)
+            x = block(x, cos, sin, slots, cache, masks, last_only=last_only and i == len(self.layers) - 1)
         return self.lm_head(self.norm(x))

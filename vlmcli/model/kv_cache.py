@@ -1,7 +1,14 @@
 """A static key/value cache: preallocated once, written in place, never reallocated.
 
 Fixed buffers keep memory flat through a long generation (no torch.cat per token) and give
-a decode step fixed-size storage, which is what CUDA graph capture needs later on.
+a decode step fixed-size storage and fixed shapes, which is what `torch.compile` without
+recompilation and CUDA graph capture need: the slot a token is written to is a tensor
+(`index_copy_`), not a Python int baked into the graph.
+
+Writing and reading are separate: `write` stores keys and values and returns nothing;
+attention reads `keys(layer, length)` / `values(layer, length)`, the first `length` slots
+(eager code knows the length on the host and reads no more than it needs) or the whole
+buffer under a mask (the compiled step, so that its shapes never change).
 """
 
 from __future__ import annotations
@@ -28,14 +35,23 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
 
-    def update(
-        self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv, T, hd) at positions pos..pos+T-1 of `layer`; return the keys
-        and values of positions 0..pos+T-1 (views, no copy)."""
-        end = pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[layer, :, :, pos:end] = k
-        self.v[layer, :, :, pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def write(self, layer: int, slots: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v (B, n_kv, T, hd) at cache slots `slots` of `layer`: an int start (slots
+        start..start+T-1) or a LongTensor (T,) of slots."""
+        if isinstance(slots, int):
+            end = slots + k.shape[2]
+            if end > self.max_len:
+                raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+            self.k[layer, :, :, slots:end] = k
+            self.v[layer, :, :, slots:end] = v
+        else:
+            # in place at tensor indices: one graph serves every step
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+
+    def keys(self, layer: int, length: int | None = None) -> torch.Tensor:
+        """(B, n_kv, length or max_len, hd): a view, no copy."""
+        return self.k[layer, :, :, :length] if length is not None else self.k[layer]
+
+    def values(self, layer: int, length: int | None = None) -> torch.Tensor:
+        return self.v[layer, :, :, :length] if length is not None else self.v[layer]

@@ -132,6 +132,42 @@ class VisionLanguageModel(nn.Module):
         return self.decoder(self.embed(input_ids, visual), pos, cache, last_only=last_only)
 
 
+    # ---- the model contract (see vlmcli/families/__init__.py): what generate, chat and
+    # the server call, whatever the family
+
+    def new_cache(self, length: int, batch: int = 1) -> KVCache:
+        return self.decoder.new_cache(length, batch)
+
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        visual: VisualTokens | None,
+        cache: KVCache,
+        start: int = 0,
+        *,
+        prefix: int = 0,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ids (B, T) at cache slots start..start+T-1, with `visual` in their image slots ->
+        next-token logits (B, vocab). prefix: how many slots from 0 attend both ways."""
+        embeds = self.embed(ids, visual)
+        return self.decoder(embeds, start, cache, positions=positions, prefix=prefix)[:, -1]
+
+    def step(
+        self, tokens: torch.Tensor, slots: int | torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One decode step: tokens (B, 1) at cache slot `slots` -> logits (B, vocab). With
+        slots a LongTensor (1,) the step has fixed shapes and no host values, so
+        `torch.compile` and CUDA graphs capture it once for every token (see generate.py)."""
+        return self.decoder(self.decoder.embed_tokens(tokens), slots, cache, positions=positions)[:, -1]
+
+    @property
+    def capturable(self) -> bool:
+        """Whether `step` with tensor slots is exact: dynamic NTK RoPE recomputes its tables
+        from the sequence length on the host, past the trained length."""
+        return self.cfg.text.rope.rope_type != "dynamic"
+
+
 def _flatten(visual: VisualTokens | None) -> torch.Tensor | None:
     """Visual tokens in placeholder order as one (n, d) tensor."""
     if visual is None:

@@ -162,6 +162,17 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos = torch.cat([self.cos, cos])
         self.sin = torch.cat([self.sin, sin])
 
+    def reserve(self, length: int) -> None:
+        """Build the tables for positions 0..length-1 now, so that `at` never grows them (a
+        compiled step must not change a buffer's size)."""
+        if length > self.cos.shape[0]:
+            self._grow(length)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (T, head_dim) for a LongTensor of positions (T,), from the tables (see
+        `reserve`): the same rows `forward` slices, gathered by index."""
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
     def forward(self, pos: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         end = pos + length
         if self.rope.rope_type == "dynamic" and end > self.max_position_embeddings:
