@@ -47,10 +47,14 @@ class Backend(Protocol):
         """A non-Linear tensor (embedding, norm, conv) on the device in the backend's dtype."""
         ...
 
-    def make_linear(self, name: str, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
+    def make_linear(
+        self, name: str, weight: LinearWeight, bias: torch.Tensor | None, keep_dense: bool | None = None
+    ) -> nn.Module:
         """The module that computes `x @ weight.T + bias` for the layer called `name`,
         from the checkpoint's tensors (still in their stored dtype, on the CPU). A
-        QuantizedWeight is kept as it is by a backend of its format, dequantized by others."""
+        QuantizedWeight is kept as it is by a backend of its format, dequantized by others.
+        keep_dense: the model family says this layer stays unquantized by default (only
+        quantizing backends look at it)."""
         ...
 
     def linear_bytes(self, name: str, out_features: int, in_features: int, stored: str = "dense") -> int:
@@ -142,7 +146,9 @@ class DenseBackend:
     def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, self.dtype)
 
-    def make_linear(self, name: str, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
+    def make_linear(
+        self, name: str, weight: LinearWeight, bias: torch.Tensor | None, keep_dense: bool | None = None
+    ) -> nn.Module:
         if isinstance(weight, QuantizedWeight):
             from backends.bnb import dequantize  # imports bitsandbytes: only for such checkpoints
 

@@ -76,7 +76,9 @@ class CpuBf16Backend(DenseBackend):
         to fp32 and back); the result differs by bf16 rounding."""
         return None if fast_bf16_matmul() else torch.float32
 
-    def make_linear(self, name: str, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
+    def make_linear(
+        self, name: str, weight: LinearWeight, bias: torch.Tensor | None, keep_dense: bool | None = None
+    ) -> nn.Module:
         layer = super().make_linear(name, weight, bias)
         if fast_bf16_matmul():
             return layer

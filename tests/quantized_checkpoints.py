@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 # The modules vlm leaves unquantized, in the names transformers 5 matches (see
-# vlmcli/quantization.py: SKIP_MODULES_HF).
+# vlmcli/families/llava/weights.py: HF_SKIP_MODULES, and vlmcli/quantization.py: HF_LM_HEAD).
 VLM_SKIP = ["model.vision_tower", "vision_tower", "model.multi_modal_projector", "multi_modal_projector", "lm_head"]
 SIDE_FILES = (
     "tokenizer.json",
@@ -43,13 +43,25 @@ def bnb_config(fmt: str, *, double_quant: bool = False, skip: list[str] | None =
 
 
 def load_reference(path, quantization_config=None):
-    """transformers' LLaVA on the CPU in fp32: plain, quantized while loading, or pre-quantized."""
+    """transformers' LLaVA on the CPU in fp32: plain, quantized while loading, or pre-quantized.
+
+    On a CPU with AVX512-BF16, bitsandbytes' packed 4-bit kernel cannot take a layer whose
+    outputs are not a multiple of 32 or inputs not a multiple of 64 (most of these tiny
+    models' layers), and transformers fails on its first forward there. Such layers are
+    kept on bitsandbytes' generic path, as vlm keeps its own (backends/bnb.py); the others
+    take the packed kernel in both. Elsewhere this changes nothing."""
     import transformers
 
+    from backends.bnb import keep_off_packed_path
+
     kwargs = {"device_map": "cpu"} if quantization_config is not None else {}
-    return transformers.LlavaForConditionalGeneration.from_pretrained(
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(
         path, dtype=torch.float32, quantization_config=quantization_config, **kwargs
     ).eval()
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            keep_off_packed_path(module)
+    return model
 
 
 def save_with_transformers(src: Path, out: Path, quantization_config) -> Path:

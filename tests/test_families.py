@@ -6,14 +6,8 @@ import pytest
 
 from vlmcli.config import MultiModalConfig
 from vlmcli.errors import UnsupportedModelError
-from vlmcli.families import (
-    CHATML_CHAT_TEMPLATE,
-    LLAVA_DEFAULT_CHAT_TEMPLATE,
-    MISTRAL_CHAT_TEMPLATE,
-    describe,
-    family_for,
-    supported_model_types,
-)
+from vlmcli.families import describe, family_for, supported_model_types
+from vlmcli.families.llava.templates import CHATML_CHAT_TEMPLATE, LLAVA_DEFAULT_CHAT_TEMPLATE, MISTRAL_CHAT_TEMPLATE
 
 
 def test_supported_model_types():
@@ -86,11 +80,11 @@ def test_describe_and_default_templates():
     assert describe(cfg) == "LLaVA (SigLIP, linear projector, Qwen2 decoder)"
     parsed = MultiModalConfig.from_hf(cfg)
     family = family_for(cfg)
-    assert family.chat_template_for(parsed) == CHATML_CHAT_TEMPLATE
+    assert family.chat_template(parsed) == CHATML_CHAT_TEMPLATE
     mistral = MultiModalConfig.from_hf({"model_type": "llava_next", "text_config": {"model_type": "mistral"}})
-    assert family_for({"model_type": "llava_next"}).chat_template_for(mistral) == MISTRAL_CHAT_TEMPLATE
+    assert family_for({"model_type": "llava_next"}).chat_template(mistral) == MISTRAL_CHAT_TEMPLATE
     llama = MultiModalConfig.from_hf({"model_type": "llava"})
-    assert family.chat_template_for(llama) == LLAVA_DEFAULT_CHAT_TEMPLATE
+    assert family.chat_template(llama) == LLAVA_DEFAULT_CHAT_TEMPLATE
 
 
 def test_vision_config_without_model_type_takes_the_familys_tower():

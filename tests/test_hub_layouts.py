@@ -243,12 +243,12 @@ def test_hub_configs_read_as_their_families():
         "llava-hf/llava-v1.6-mistral-7b-hf": "LLaVA-NeXT (CLIP ViT, MLP projector, Mistral decoder)",
         "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "LLaVA-OneVision (SigLIP, MLP projector, Qwen2 decoder)",
     }
-    interleave = family_for(HUB_CONFIGS["llava-hf/llava-interleave-qwen-0.5b-hf"]).parse_config(
+    interleave = family_for(HUB_CONFIGS["llava-hf/llava-interleave-qwen-0.5b-hf"]).parse(
         HUB_CONFIGS["llava-hf/llava-interleave-qwen-0.5b-hf"]
     )
     assert interleave.max_visual_tokens() == 729  # SigLIP so400m: 27 x 27 patches, "full"
     assert interleave.text.sliding_window is None  # use_sliding_window false
-    mistral = family_for(HUB_CONFIGS["llava-hf/llava-v1.6-mistral-7b-hf"]).parse_config(
+    mistral = family_for(HUB_CONFIGS["llava-hf/llava-v1.6-mistral-7b-hf"]).parse(
         HUB_CONFIGS["llava-hf/llava-v1.6-mistral-7b-hf"]
     )
     assert (mistral.text.sliding_window, mistral.text.rope.theta, mistral.text.norm_eps) == (None, 1e6, 1e-5)

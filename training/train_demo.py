@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # `python training/train_demo.py`
 from training import shapes  # noqa: E402
 from vlmcli.checkpoint import demo_path  # noqa: E402
 from vlmcli.config import MultiModalConfig  # noqa: E402
-from vlmcli.families import LLAVA_DEFAULT_CHAT_TEMPLATE  # noqa: E402
+from vlmcli.families.llava.templates import LLAVA_DEFAULT_CHAT_TEMPLATE  # noqa: E402
 from vlmcli.model.multimodal import VisionLanguageModel  # noqa: E402
 from vlmcli.preprocess import ImageProcessorConfig, preprocess  # noqa: E402
 from vlmcli.sequence import assistant_message, user_message  # noqa: E402

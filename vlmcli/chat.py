@@ -24,12 +24,12 @@ from typing import Callable
 
 import torch
 
-from vlmcli.errors import ContextLengthError, VlmError
+from vlmcli.errors import ContextLengthError, UsageError, VlmError
 from vlmcli.generate import SamplingOptions, Timings, generate
 from vlmcli.inputs import ImageInput
 from vlmcli.model.kv_cache import KVCache
 from vlmcli.pipeline import Pipeline
-from vlmcli.sequence import Message, assistant_message, build_sequence, user_message
+from vlmcli.sequence import Message, assistant_message, user_message
 
 
 # Cache slots a chat session reserves at most (llama.cpp's default context is the same):
@@ -57,6 +57,11 @@ class ChatSession:
     """
 
     def __init__(self, pipe: Pipeline, opts: SamplingOptions | None = None, max_context: int = CHAT_CONTEXT):
+        if not pipe.family.chat:
+            raise UsageError(
+                f"{pipe.family.name} models answer one prompt at a time and have no chat format",
+                hint="use vlm describe IMAGE -p PROMPT",
+            )
         self.pipe = pipe
         self.opts = opts or SamplingOptions()
         self.max_context = max_context
@@ -109,14 +114,8 @@ class ChatSession:
         user = user_message(text, self._pending)
         messages = self.messages + [user]
         try:
-            seq = build_sequence(
-                pipe.tokenizer,
-                messages,
-                image_token_id=pipe.config.image_token_id,
-                # each image's own count: LLaVA-NeXT / OneVision counts depend on the image
-                tokens_per_image=[v.shape[0] for v in self._visual],
-                context_length=self.context_length,
-            )
+            # each image's own count: LLaVA-NeXT / OneVision counts depend on the image
+            seq = pipe.build_prompt(messages, [v.shape[0] for v in self._visual], self.context_length)
         except ContextLengthError as e:
             raise ContextLengthError(
                 f"the conversation no longer fits the model's context: {e}",
@@ -155,7 +154,9 @@ class ChatSession:
                 pipe.stop_ids,
                 cache,
                 start_pos=reuse,
+                prefix=seq.prefix,
                 history=ids[:reuse],
+                step=pipe.step,
                 on_token=on_token,
                 timings=timings,
             )

@@ -2,8 +2,8 @@
 
 Three parts, one per stage of the pipeline (vision encoder, projection, language decoder),
 and MultiModalConfig to hold them together. Each part is parsed from its own sub-config and
-dispatched on its own `model_type`, so a LLaVA with another vision tower or decoder only adds
-a parser here and an entry in `families.py`.
+dispatched on its own `model_type`: the vision towers and decoders parsed here are shared by
+the families (vlmcli/families/), which put them together.
 
 Defaults are the ones `transformers` applies when a key is absent: real checkpoints
 (llava-hf/llava-1.5-7b-hf among them) write only the keys that differ from those defaults,
@@ -208,18 +208,10 @@ class MultiModalConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "MultiModalConfig":
-        """Parse config.json through its family's parser, then check the values make a model.
+        """Parse and check config.json through its family (vlmcli.families.parse_config)."""
+        from vlmcli.families import parse_config  # families imports this module
 
-        A value of the wrong type anywhere (a string where a size belongs, a list for a
-        dict) surfaces as a CheckpointError naming config.json, not as a Python error."""
-        from vlmcli.families import family_for  # families imports this module
-
-        try:
-            parsed = family_for(cfg).parse_config(cfg)
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, ZeroDivisionError) as e:
-            raise CheckpointError(f"config.json has an invalid value ({type(e).__name__}: {e})") from None
-        parsed.validate()
-        return parsed
+        return parse_config(cfg)[1]
 
     def validate(self) -> None:
         v, t = self.vision, self.text
@@ -527,4 +519,18 @@ def anyres_from_hf(
         patches_per_side=vision.image_size // vision.patch_size,
         max_tiles=max_tiles,
         base_only_when_several=vision_aspect_ratio is not None,
+    )
+
+
+# How `vlm info` names the parts.
+VISION_NAMES = {"clip_vision_model": "CLIP ViT", "siglip_vision_model": "SigLIP"}
+DECODER_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma"}
+
+
+def describe_parts(family_name: str, cfg: MultiModalConfig) -> str:
+    """What a checkpoint is made of, for people: 'LLaVA (SigLIP, MLP projector, Qwen2 decoder)'."""
+    projector = "MLP" if cfg.projection.projection_type == "mlp" else cfg.projection.projection_type
+    return (
+        f"{family_name} ({VISION_NAMES.get(cfg.vision.model_type, cfg.vision.model_type)}, "
+        f"{projector} projector, {DECODER_NAMES.get(cfg.text.model_type, cfg.text.model_type)} decoder)"
     )

@@ -17,7 +17,6 @@ Memory holds one layer at a time (plus bitsandbytes' working copy of it), not th
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import math
 import os
@@ -33,14 +32,12 @@ import torch
 from backends import bnb  # not bitsandbytes itself: that is imported when first used
 from vlmcli import __version__, checkpoint
 from vlmcli.errors import UsageError, VlmError
-from vlmcli.families import family_for
+from vlmcli.families import Family, parse_config
 from vlmcli.loader import LoadPlan, plan_load
-from vlmcli.model.multimodal import VisionLanguageModel
 from vlmcli.quantization import (
-    SKIP_MODULES_HF,
+    HF_LM_HEAD,
     Quantization,
     QuantizedWeight,
-    quantized_by_default,
     read_quantization,
 )
 
@@ -99,16 +96,14 @@ def convert(
     folder = checkpoint.resolve(source, progress=download_progress)
     _refuse_same(folder, output)
     raw = checkpoint.read_config(folder)
-    family = family_for(raw)
-    cfg = family.parse_config(raw)
+    family, cfg = parse_config(raw)
     source_quant = read_quantization(raw)
     if source_quant is not None and (reason := bnb.bnb_unavailable_reason()):
         raise UsageError(f"the source is {source_quant.describe()}; reading it needs {reason}")
     # Plan over every block of the vision tower, not only those a LLaVA runs: the output
     # must hold (and quantize alike) everything transformers will look for.
-    full = dataclasses.replace(cfg, vision_feature_layers=(cfg.vision.n_layers,))
     with torch.device("meta"):
-        model = VisionLanguageModel(full)
+        model = family.build(cfg, True)
     files = checkpoint.weight_files(folder)
     plan = plan_load(model, files, family)
 
@@ -116,7 +111,7 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     try:
         tied = cfg.text.tie_word_embeddings
-        result = _write(folder, files, plan, raw, tied, source, source_quant, tmp, opts, progress)
+        result = _write(folder, files, plan, family, raw, tied, source, source_quant, tmp, opts, progress)
         _sync_dir(tmp)
         _move_into_place(tmp, output)
     except BaseException as e:
@@ -159,6 +154,7 @@ def _write(
     folder: Path,
     files: checkpoint.WeightFiles,
     plan: LoadPlan,
+    family: Family,
     raw: dict,
     tied: bool,
     source_ref: str,
@@ -171,7 +167,7 @@ def _write(
     float_dtype = _FLOAT_TARGETS.get(opts.to) or _storage_dtype(files, plan)
 
     def quantizes(module: str) -> bool:
-        return quantized_target and (opts.quantize_all or quantized_by_default(module))
+        return quantized_target and (opts.quantize_all or not family.keep_dense(module))
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(float_dtype) if t.is_floating_point() else t
@@ -219,7 +215,7 @@ def _write(
     dtype_name = str(float_dtype).removeprefix("torch.")
     _set_dtype(config, dtype_name)
     if quantized_target:
-        config["quantization_config"] = _quantization(opts, dtype_name, tied).to_config()
+        config["quantization_config"] = _quantization(opts, dtype_name, tied, family).to_config()
     checkpoint.write_json(out / "config.json", config)
     copied = _copy_side_files(folder, out)
     checkpoint.write_json(out / PROVENANCE_NAME, _provenance(folder, source_ref, source_quant, opts))
@@ -227,12 +223,12 @@ def _write(
     return ConvertResult(out, names, writer.total_size, n_quantized, n_kept)
 
 
-def _quantization(opts: ConvertOptions, dtype_name: str, tied: bool) -> Quantization:
+def _quantization(opts: ConvertOptions, dtype_name: str, tied: bool, family: Family) -> Quantization:
     skip: list[str] = []
     if not opts.quantize_all:
-        skip += [*SKIP_MODULES_HF["vision"], *SKIP_MODULES_HF["projector"]]
+        skip += list(family.hf_skip_modules)
     if not opts.quantize_all or tied:  # a tied lm_head shares the (unquantized) embeddings
-        skip += list(SKIP_MODULES_HF["lm_head"])
+        skip.append(HF_LM_HEAD)
     if opts.to == "int8":
         return Quantization("int8", threshold=opts.threshold, compute_dtype=dtype_name, skip_modules=tuple(skip))
     return Quantization(

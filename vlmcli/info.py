@@ -10,9 +10,8 @@ import torch
 import backends
 from vlmcli import checkpoint
 from vlmcli.errors import UsageError
-from vlmcli.families import family_for
+from vlmcli.families import parse_config
 from vlmcli.loader import expected_parameters, linear_modules, plan_load
-from vlmcli.model.multimodal import VisionLanguageModel
 from vlmcli.quantization import read_quantization
 
 # The backends `vlm info` estimates, as `-b` spells them.
@@ -25,12 +24,11 @@ _STORED = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
 def model_info(ref: str, *, download_progress: bool = True) -> dict[str, Any]:
     folder = checkpoint.resolve(ref, progress=download_progress)
     raw = checkpoint.read_config(folder)
-    family = family_for(raw)
-    cfg = family.parse_config(raw)
+    family, cfg = parse_config(raw)
     quant = read_quantization(raw)
     files = checkpoint.weight_files(folder)
     with torch.device("meta"):
-        model = VisionLanguageModel(cfg)
+        model = family.build(cfg, False)
     plan = plan_load(model, files, family)  # also checks every header against the config
     expected = expected_parameters(model)
     linears = linear_modules(model)

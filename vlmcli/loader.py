@@ -21,7 +21,7 @@ from backends.base import Backend, dense_linear, release_freed_memory
 from vlmcli.checkpoint import WeightFiles, iter_tensors, read_config, tensor_shapes, weight_files
 from vlmcli.config import MultiModalConfig
 from vlmcli.errors import CheckpointError
-from vlmcli.families import Family, family_for
+from vlmcli.families import Family, parse_config
 from vlmcli.model.multimodal import VisionLanguageModel
 from vlmcli.quantization import FLOAT_DTYPES, LINEAR_PARTS, QuantizedWeight, layer_format
 
@@ -39,12 +39,10 @@ class LoadedModel:
 
 
 def load_model(folder: Path, backend: Backend, progress: ProgressFn | None = None) -> LoadedModel:
-    raw = read_config(folder)
-    family = family_for(raw)
-    cfg = MultiModalConfig.from_hf(raw)
+    family, cfg = parse_config(read_config(folder))
     files = weight_files(folder)
     with torch.device("meta"):
-        model = VisionLanguageModel(cfg)
+        model = family.build(cfg, False)
     unused = _fill(model, files, family, backend, progress)
     _fuse_projections(model, backend)
     model.decoder.setup(backend.device, backend.attention_dtype)
@@ -114,7 +112,7 @@ def plan_load(model: VisionLanguageModel, files: WeightFiles, family: Family) ->
     unused: list[str] = []
     seen: dict[str, str] = {}
     for key, (shape, dtype) in tensor_shapes(files).items():
-        name = family.canonical_name(key)
+        name = family.weight_name(key)
         if name is None:
             unused.append(key)
             continue
@@ -204,7 +202,8 @@ def _fill(
                 del pending[module_name]
                 bias = got.pop("bias", None)
                 weight = got["weight"] if lp.format == "dense" else QuantizedWeight(lp.format, lp.shape, got, module_name)
-                _replace_module(model, module_name, backend.make_linear(module_name, weight, bias))
+                layer = backend.make_linear(module_name, weight, bias, keep_dense=family.keep_dense(module_name))
+                _replace_module(model, module_name, layer)
         else:
             continue
         done += 1
@@ -240,7 +239,8 @@ def _fused(backend: Backend, name: str, layers: list[nn.Module]) -> nn.Module | 
         return None
     biases = [layer.bias for layer in layers]
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-    return backend.make_linear(name, torch.cat([w.detach() for w in weights]), bias)
+    # the parts were kept dense (else they would not be plain weights): so is their fusion
+    return backend.make_linear(name, torch.cat([w.detach() for w in weights]), bias, keep_dense=True)
 
 
 def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -6,6 +6,7 @@ one call the commands make.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,28 +17,16 @@ import torch
 import backends
 from backends.base import Backend
 from vlmcli import checkpoint
-from vlmcli.errors import CheckpointError
-from vlmcli.generate import Generation, SamplingOptions, Timings, generate, ms_since
+from vlmcli.generate import CompiledStep, Generation, SamplingOptions, Timings, generate, ms_since
 from vlmcli.inputs import ImageInput
 from vlmcli.loader import LoadedModel, ProgressFn, load_model
-from vlmcli.preprocess import ImageProcessorConfig, load_image_with_notes, preprocess_anyres, preprocess_batch
+from vlmcli.preprocess import load_image_with_notes
+from vlmcli.processor import Notice, PreparedImages, Processor
 from vlmcli.quantization import read_quantization
-from vlmcli.sequence import Message, build_sequence, count_images, user_message
+from vlmcli.sequence import Message, PromptSequence, count_images, user_message
 from vlmcli.tokenizer import Tokenizer
 
-Notice = Callable[[str], None]  # one line for stderr
 ImageSource = str | Path | bytes | ImageInput  # an ImageInput's name is what errors call it
-
-
-@dataclass
-class PreparedImages:
-    """Images ready for the vision tower, with the token count each will become."""
-
-    pixels: torch.Tensor  # (views, 3, H, W): one view per image, or anyres base view + tiles
-    image_sizes: list[tuple[int, int]]  # (height, width) of each image as loaded
-    views_per_image: list[int]
-    token_counts: list[int]  # visual tokens per image, in order
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -56,7 +45,7 @@ class Pipeline:
         self,
         loaded: LoadedModel,
         tokenizer: Tokenizer,
-        image_config: ImageProcessorConfig,
+        processor: Processor,
         backend: Backend,
         stop_ids: set[int],
         model_ref: str,
@@ -64,11 +53,23 @@ class Pipeline:
         self.loaded = loaded
         self.model = loaded.model
         self.config = loaded.config
+        self.family = loaded.family
         self.tokenizer = tokenizer
-        self.image_config = image_config
+        self.processor = processor
+        self.image_config = processor.image_config
         self.backend = backend
         self.stop_ids = stop_ids
         self.model_ref = model_ref
+        self.step: CompiledStep | None = None  # None: decode steps run eagerly
+
+    def compile_step(self) -> bool:
+        """Decode through `torch.compile` from now on (one graph per cache length; the
+        first token of each new length pays the compile). False where the model's step is
+        not capturable (dynamic NTK RoPE)."""
+        if not self.model.capturable:
+            return False
+        self.step = CompiledStep(self.model)
+        return True
 
     @classmethod
     def load(
@@ -86,11 +87,11 @@ class Pipeline:
         chosen = backends.get_backend(backend, read_quantization(checkpoint.read_config(folder)))
         loaded = load_model(folder, chosen, progress=progress)
         family = loaded.family
-        tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.chat_template_for(loaded.config))
+        tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.chat_template(loaded.config))
         if tokenizer.template_source == "family default" and notice:
             notice(f"{folder.name} has no chat template; using the {family.name} default")
-        image_config = _image_config(folder, loaded, notice)
-        return cls(loaded, tokenizer, image_config, chosen, _stop_ids(folder, loaded, tokenizer), model_ref)
+        processor = family.processor(loaded.config, folder, tokenizer, notice)
+        return cls(loaded, tokenizer, processor, chosen, _stop_ids(folder, loaded, tokenizer), model_ref)
 
     @property
     def tokens_per_image(self) -> int:
@@ -116,22 +117,10 @@ class Pipeline:
                 image, image_notes = load_image_with_notes(src)
             images.append(image)
             notes.extend(image_notes)
-        sizes = [(img.height, img.width) for img in images]
-        counts = [self.config.image_tokens(h, w, len(images)) for h, w in sizes]
-        anyres = self.config.anyres
-        if anyres is None:
-            pixels = preprocess_batch(images, self.image_config)
-            views = [1] * len(images)
-        else:
-            base_only = anyres.base_only_when_several and len(images) > 1
-            per_image = [
-                preprocess_anyres(img, self.image_config, anyres.grid_pinpoints, base_only=base_only)
-                for img in images
-            ]
-            pixels = torch.cat(per_image)
-            views = [p.shape[0] for p in per_image]
+        prepared = self.processor.prepare_images(images)
+        prepared.notes = notes
         timings.preprocess_ms += (time.perf_counter() - t0) * 1000
-        return PreparedImages(pixels, sizes, views, counts, notes)
+        return prepared
 
     def encode_prepared(self, prepared: PreparedImages, timings: Timings):
         """Preprocessed images -> visual tokens on the backend's device: (N, n_visual,
@@ -139,7 +128,7 @@ class Pipeline:
         t0 = time.perf_counter()
         with torch.inference_mode():
             pixels = prepared.pixels.to(self.backend.device, self.backend.dtype)
-            visual = self.model.encode_images(pixels, prepared.image_sizes, prepared.views_per_image)
+            visual = self.model.encode(dataclasses.replace(prepared, pixels=pixels))
         timings.vision_ms += ms_since(t0, self.backend.device)
         return visual
 
@@ -149,6 +138,10 @@ class Pipeline:
         if prepared is None:
             return None, []
         return self.encode_prepared(prepared, timings), prepared.notes
+
+    def build_prompt(self, messages: list[Message], token_counts: list[int], context_length: int | None = None) -> PromptSequence:
+        """The family's prompt for `messages`, image slots sized by `token_counts`."""
+        return self.processor.build_prompt(messages, token_counts, context_length or self.context_length)
 
     def ask(
         self,
@@ -162,17 +155,11 @@ class Pipeline:
         prepared = self.prepare_images(images, timings)
         counts = prepared.token_counts if prepared is not None else [self.tokens_per_image] * count_images(messages)
         # built and checked before the vision tower or the decoder run
-        seq = build_sequence(
-            self.tokenizer,
-            messages,
-            image_token_id=self.config.image_token_id,
-            tokens_per_image=counts,
-            context_length=self.context_length,
-        )
+        seq = self.build_prompt(messages, counts)
         visual = self.encode_prepared(prepared, timings) if prepared is not None else None
         notes = prepared.notes if prepared is not None else []
         cache_len = min(self.context_length, len(seq.ids) + opts.max_new_tokens)
-        cache = self.model.decoder.new_cache(cache_len)
+        cache = self.model.new_cache(cache_len)
         stream = self.tokenizer.stream_decoder()
         on_token = None
         if on_text:
@@ -181,7 +168,8 @@ class Pipeline:
                 if piece:
                     on_text(piece)
         result: Generation = generate(
-            self.model, seq.ids, visual, opts, self.stop_ids, cache, on_token=on_token, timings=timings
+            self.model, seq.ids, visual, opts, self.stop_ids, cache,
+            prefix=seq.prefix, on_token=on_token, timings=timings, step=self.step,
         )
         if on_text:
             tail = stream.flush()
@@ -205,23 +193,6 @@ class Pipeline:
         on_text: Callable[[str], None] | None = None,
     ) -> Answer:
         return self.ask([user_message(prompt, len(images))], images, opts, on_text)
-
-
-def _image_config(folder: Path, loaded: LoadedModel, notice: Notice | None) -> ImageProcessorConfig:
-    path = folder / "preprocessor_config.json"
-    if path.exists():
-        image_config = ImageProcessorConfig.from_file(path)
-        anyres = loaded.config.anyres
-        if anyres is not None and image_config.image_grid_pinpoints not in (None, anyres.grid_pinpoints):
-            # transformers would tile with one grid and unpack with the other, and fail
-            raise CheckpointError(
-                f"{path.name} and config.json disagree on image_grid_pinpoints",
-                hint="the checkpoint is inconsistent; re-download it",
-            )
-        return image_config
-    if notice:
-        notice(f"{folder.name} has no preprocessor_config.json; using the {loaded.family.name} default")
-    return ImageProcessorConfig.from_dict(loaded.family.image_processor_defaults(loaded.config))
 
 
 def _stop_ids(folder: Path, loaded: LoadedModel, tokenizer: Tokenizer) -> set[int]:

@@ -46,6 +46,12 @@ from vlmcli.errors import CheckpointError, ImageError
 # The seed's statistics, used when a checkpoint's preprocessor config gives none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# CLIP's own normalisation statistics (llava-1.5 uses CLIP ViT-L/14-336 unchanged).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# SigLIP's: every channel mapped from [0, 1] to [-1, 1].
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, what CLIP and SigLIP processors use
 _RESAMPLE_FILTERS = {0, 1, 2, 3, 4, 5}  # NEAREST LANCZOS BILINEAR BICUBIC BOX HAMMING

@@ -51,20 +51,16 @@ FOUR_BIT_TYPES = ("nf4", "fp4")
 BLOCKSIZE = 64  # bitsandbytes' (and transformers') 4-bit block size
 NESTED_BLOCKSIZE = 256  # block size of the second quantization of the absmax values
 
-# Modules transformers must leave unquantized when it loads a checkpoint we wrote, in the
-# two naming schemes its versions match against: transformers 5 matches a pattern from the
-# start of the in-memory module name (`model.vision_tower.encoder...`) or as its suffix;
-# transformers 4 looked for the pattern as a substring (`vision_tower.vision_model...`).
-SKIP_MODULES_HF = {
-    "vision": ("model.vision_tower", "vision_tower"),
-    "projector": ("model.multi_modal_projector", "multi_modal_projector"),
-    "lm_head": ("lm_head",),
-}
+# transformers' name for the output layer in a quantization config's skip list (the vision
+# tower's and projector's names are the family's: Family.hf_skip_modules).
+HF_LM_HEAD = "lm_head"
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _DTYPE_BYTES = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I32": 4, "I64": 8}
 
-# Our module-name prefixes that stay 16-bit (fp32 on the CPU) unless asked otherwise.
+# The three-stage default of which Linear layers stay 16-bit (fp32 on the CPU): the vision
+# tower, the projector and lm_head. The loader passes each family's own word (keep_dense);
+# this is what a backend assumes when asked about a layer without one.
 UNQUANTIZED_BY_DEFAULT = ("vision.", "projector.", "decoder.lm_head")
 
 

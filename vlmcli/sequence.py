@@ -46,6 +46,8 @@ class PromptSequence:
     ids: list[int]  # with image slots expanded
     image_tokens: int  # placeholder ids in `ids` (visual tokens of all images)
     n_images: int
+    # prefix-LM (PaliGemma): the first `prefix` ids attend to each other both ways; 0 is causal
+    prefix: int = 0
 
 
 def expand_image_slots(ids: list[int], image_token_id: int, tokens_per_image: int | Sequence[int]) -> list[int]:
