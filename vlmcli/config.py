@@ -318,12 +318,7 @@ def vision_from_hf(cfg: dict[str, Any]) -> VisionConfig:
         pre_layernorm=not siglip,
         patch_bias=siglip,
     )
-    if vision.d_vision % vision.n_heads:
-        raise CheckpointError(
-            f"config.json: vision hidden_size {vision.d_vision} is not a multiple of "
-            f"num_attention_heads {vision.n_heads}"
-        )
-    return vision
+    return vision  # MultiModalConfig.validate checks the values
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
