@@ -14,6 +14,18 @@ quantized (written by `vlm convert` or by transformers' save_pretrained) is wrap
 
 The vision tower, projector and lm_head stay unquantized unless `all` is asked for.
 bitsandbytes takes seconds to import, so it is imported only when one of these runs.
+
+On a CPU with AVX512-BF16 (recent Xeons) bitsandbytes (0.49+) computes a 4-bit layer its own
+faster way: Linear4bit.forward repacks the weight on the first call when
+`layer.support_avx512bf16_for_cpu` (has_avx512bf16(), read when the layer is built) holds,
+the input is on the CPU and no gradient is wanted, and from then on computes in bf16 (the
+activations and the per-block scales rounded to bf16, the output too). The repacking
+(functional._convert_weight_packed_for_cpu) takes only out_features divisible by 32 and
+in_features divisible by the block size (64); any other layer fails there, in
+transformers as well ("N must be divisible by block_n", "shape '[64, 1]' is invalid for
+input of size 96"). Such a layer stays on bitsandbytes' generic path here (dequantize to
+fp32, fp32 product: what every other CPU does), with one notice; the others take the
+packed kernel, as transformers' layers do on the same CPU, so the tokens stay the same.
 """
 
 from __future__ import annotations
@@ -21,7 +33,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import logging
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -55,20 +68,75 @@ def bnb_unavailable_reason() -> str | None:
     return None
 
 
-class _DropCastNotice(logging.Filter):
-    # MatMul8bitLt logs "inputs will be cast from torch.float32 to float16" on every call
-    # with fp32 activations, which is what int8 on the CPU means; it is noise there.
+class _DropNoise(logging.Filter):
+    """Drops bitsandbytes log lines that say nothing to a vlm user:
+
+    - MatMul8bitLt's "inputs will be cast from torch.float32 to float16", on every call with
+      fp32 activations, which is what int8 on the CPU means;
+    - "Failed to load CPU gemm_4bit_forward from kernels-community: No module named
+      'kernels' ...", logged while bitsandbytes is imported on an AVX512-BF16 CPU when the
+      optional `kernels` package (which downloads a kernel from the hub) is not installed;
+      bitsandbytes then uses the packed 4-bit kernel it ships, which is what vlm expects."""
+
+    NOISE = ("inputs will be cast from", "Failed to load CPU gemm_4bit_forward from kernels-community")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return "inputs will be cast from" not in record.getMessage()
+        message = record.getMessage()
+        return not any(noise in message for noise in self.NOISE)
+
+
+# A logger's filters see only the records logged on that logger itself, so each of these
+# gets the filter; they are set before bitsandbytes is first imported (the kernels line is
+# logged during the import).
+_NOISY_LOGGERS = ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops")
 
 
 def _bnb():
+    for name in _NOISY_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in log.filters):
+            log.addFilter(_DropNoise())
     import bitsandbytes
 
-    log = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, _DropCastNotice) for f in log.filters):
-        log.addFilter(_DropCastNotice())
     return bitsandbytes
+
+
+def _cli_notice(message: str) -> None:
+    """A notice on stderr: through the CLI's console when `vlm` is running (dim, silenced by
+    -q), else as a plain line."""
+    console = sys.modules.get("vlmcli.cli.console")
+    if console is not None:
+        console.notice(message)
+    else:
+        print(message, file=sys.stderr)
+
+
+# ---- bitsandbytes' packed 4-bit CPU kernel (AVX512-BF16) ------------------------------------
+
+CPU_PACK_BLOCK_N = 32  # _convert_weight_packed_for_cpu's block_n: out_features a multiple of it
+
+
+def cpu_packing_fits(out_features: int, in_features: int, blocksize: int = BLOCKSIZE) -> bool:
+    """Whether bitsandbytes can repack a 4-bit weight (out, in) for its AVX512-BF16 CPU
+    kernel: out_features a multiple of 32 (asserted there), in_features a multiple of the
+    block size (its per-block scales are reshaped to (out, in // blocksize); any other
+    shape fails, as does in_features under one block)."""
+    return out_features % CPU_PACK_BLOCK_N == 0 and in_features % blocksize == 0 and in_features > 0
+
+
+def cpu_packing_wanted(layer: nn.Module) -> bool:
+    """Whether bitsandbytes' Linear4bit `layer` will repack its weight for the packed CPU
+    kernel on its first CPU forward (the flag Linear4bit sets from has_avx512bf16())."""
+    return bool(getattr(layer, "support_avx512bf16_for_cpu", False))
+
+
+def keep_off_packed_path(layer: nn.Module) -> bool:
+    """Keeps a Linear4bit whose shape the packed CPU kernel cannot take on bitsandbytes'
+    generic path (dequantize, then an fp32 product). True when it changed the layer."""
+    if cpu_packing_wanted(layer) and not cpu_packing_fits(layer.out_features, layer.in_features):
+        layer.support_avx512bf16_for_cpu = False
+        return True
+    return False
 
 
 # ---- quantizing and dequantizing single weights (used by `vlm convert` too) -----------------
@@ -142,6 +210,9 @@ class BnbBackend:
     method: str  # int8 | int4, as in quantization_config
     double_quant = False  # int4 only: the per-block scales quantized too
 
+    # Where remarks about the load go (one line each); the caller may set its own.
+    notice: Callable[[str], None] = staticmethod(_cli_notice)
+
     def __init__(self, *, device: str | None = None, quantize_all: bool = False, prequantized: bool = False):
         self._device = device  # None: the GPU when there is one, else the CPU
         self.quantize_all = quantize_all
@@ -172,27 +243,31 @@ class BnbBackend:
             reason = cuda_unavailable_reason()
         return reason
 
-    def quantizes(self, name: str) -> bool:
-        """Whether a full-precision layer `name` is quantized while loading."""
-        return not self.prequantized and (self.quantize_all or quantized_by_default(name))
+    def quantizes(self, name: str, keep_dense: bool | None = None) -> bool:
+        """Whether a full-precision layer `name` is quantized while loading. keep_dense: the
+        family's word on the layer (None: the three-stage default, quantized_by_default)."""
+        dense = not quantized_by_default(name) if keep_dense is None else keep_dense
+        return not self.prequantized and (self.quantize_all or not dense)
 
     def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, self.dtype)
 
-    def make_linear(self, name: str, weight: LinearWeight, bias: torch.Tensor | None) -> nn.Module:
+    def make_linear(
+        self, name: str, weight: LinearWeight, bias: torch.Tensor | None, keep_dense: bool | None = None
+    ) -> nn.Module:
         if isinstance(weight, QuantizedWeight):
             if weight.format != self.format:
                 raise CheckpointError(f"layer '{name}' is stored as {weight.format}, the rest of the checkpoint as {self.format}")
-        elif not self.quantizes(name):
+        elif not self.quantizes(name, keep_dense):
             return dense_linear(weight, None if bias is None else self.place(name, bias), self.device, self.dtype)
-        layer = self._linear(weight, bias is not None)
+        layer = self._linear(name, weight, bias is not None)
         if bias is not None:
             layer.bias = nn.Parameter(self.place(name, bias), requires_grad=False)
         if not isinstance(weight, QuantizedWeight) and self.device.type == "cpu":
             release_freed_memory()
         return layer
 
-    def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
+    def _linear(self, name: str, weight: LinearWeight, has_bias: bool) -> nn.Module:
         raise NotImplementedError
 
     def _format_bytes(self, fmt: str, out_f: int, in_f: int) -> int:
@@ -220,7 +295,7 @@ class Int8Backend(BnbBackend):
     def _what(self) -> str:
         return f"int8 (LLM.int8, threshold {self.threshold:g})"
 
-    def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
+    def _linear(self, name: str, weight: LinearWeight, has_bias: bool) -> nn.Module:
         bnb = _bnb()
         out_f, in_f = weight.shape
         layer = bnb.nn.Linear8bitLt(
@@ -246,6 +321,7 @@ class Int4Backend(BnbBackend):
             raise UsageError(f"unknown 4-bit type '{quant_type}' (choose from: nf4, fp4)")
         self.quant_type = quant_type
         self.double_quant = double_quant
+        self.unpacked: list[str] = []  # layers kept off bitsandbytes' packed CPU kernel
 
     @property
     def format(self) -> str:
@@ -254,7 +330,7 @@ class Int4Backend(BnbBackend):
     def _what(self) -> str:
         return f"4-bit {self.quant_type}{' + double quant' if self.double_quant else ''}"
 
-    def _linear(self, weight: LinearWeight, has_bias: bool) -> nn.Module:
+    def _linear(self, name: str, weight: LinearWeight, has_bias: bool) -> nn.Module:
         bnb = _bnb()
         out_f, in_f = weight.shape
         layer = bnb.nn.Linear4bit(
@@ -286,6 +362,14 @@ class Int4Backend(BnbBackend):
                 quant_storage=torch.uint8,
                 module=layer,
             ).to(self.device)  # quantized by this move
+        if self.device.type == "cpu" and keep_off_packed_path(layer):
+            if not self.unpacked:
+                self.notice(
+                    f"int4: {name} ({out_f} x {in_f}) and any other layer whose outputs are not a multiple "
+                    f"of {CPU_PACK_BLOCK_N} or inputs not a multiple of {BLOCKSIZE} run on bitsandbytes' "
+                    "generic fp32 path; its AVX512-BF16 kernel, used for the rest, cannot take them"
+                )
+            self.unpacked.append(name)
         return layer
 
 
