@@ -11,8 +11,9 @@ from vlmcli.families.llava.templates import CHATML_CHAT_TEMPLATE, LLAVA_DEFAULT_
 
 
 def test_supported_model_types():
-    assert supported_model_types() == ["llava", "llava_next", "llava_onevision"]
+    assert supported_model_types() == ["internvl", "llava", "llava_next", "llava_onevision"]
     assert [family_for({"model_type": t}).name for t in supported_model_types()] == [
+        "InternVL",
         "LLaVA",
         "LLaVA-NeXT",
         "LLaVA-OneVision",
@@ -22,8 +23,8 @@ def test_supported_model_types():
 def test_unknown_model_type_lists_the_supported_ones():
     with pytest.raises(UnsupportedModelError) as e:
         family_for({"model_type": "qwen2_vl"})
-    assert str(e.value) == "config.json has 'qwen2_vl'; supported model types: llava, llava_next, llava_onevision"
-    with pytest.raises(UnsupportedModelError, match="no model_type; supported model types: llava"):
+    assert str(e.value) == "config.json has 'qwen2_vl'; supported model types: internvl, llava, llava_next, llava_onevision"
+    with pytest.raises(UnsupportedModelError, match="no model_type; supported model types: internvl, llava"):
         family_for({})
 
 

@@ -24,6 +24,7 @@ contract below and never on a family's module names.
     llava             LLaVA             llava/        tokens, one view each
     llava_next        LLaVA-NeXT        llava/        tokens, anyres tiles
     llava_onevision   LLaVA-OneVision   llava/        tokens, anyres_max_N tiles
+    internvl          InternVL          internvl/     tokens, 448 px tiles + thumbnail
 
 Adding a family: a folder with its config parsing, weight names, processor and model
 assembly (from the shared blocks in vlmcli/model/), and one line in `_FAMILY_MODULES`.
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from vlmcli.tokenizer import Tokenizer
 
 # The registry: each module's FAMILIES, in the order `vlm info` and errors list them.
-_FAMILY_MODULES = ("vlmcli.families.llava",)
+_FAMILY_MODULES = ("vlmcli.families.llava", "vlmcli.families.internvl")
 
 
 @dataclass(frozen=True)
