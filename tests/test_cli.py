@@ -94,7 +94,10 @@ def test_unknown_model_type_lists_supported(capsys, llava_ckpt, test_image, tmp_
     bad = _copy(llava_ckpt, tmp_path / "m", edit_config=lambda c: c.update(model_type="fuyu"))
     code, _, err = run(capsys, "describe", test_image, "-m", bad)
     assert code == 1
-    assert "config.json has 'fuyu'; supported model types: llava" in err
+    from vlmcli.families import supported_model_types
+
+    assert f"config.json has 'fuyu'; supported model types: {', '.join(supported_model_types())}\n" in err
+    assert "internvl" in supported_model_types() and "llava" in supported_model_types()
 
 
 def test_pickle_weights_refused(capsys, llava_ckpt, test_image, tmp_path):
