@@ -11,19 +11,20 @@ from vlmcli.families.llava.templates import CHATML_CHAT_TEMPLATE, LLAVA_DEFAULT_
 
 
 def test_supported_model_types():
-    assert supported_model_types() == ["internvl", "llava", "llava_next", "llava_onevision"]
+    assert supported_model_types() == ["internvl", "llava", "llava_next", "llava_onevision", "paligemma"]
     assert [family_for({"model_type": t}).name for t in supported_model_types()] == [
         "InternVL",
         "LLaVA",
         "LLaVA-NeXT",
         "LLaVA-OneVision",
+        "PaliGemma",
     ]
 
 
 def test_unknown_model_type_lists_the_supported_ones():
     with pytest.raises(UnsupportedModelError) as e:
         family_for({"model_type": "qwen2_vl"})
-    assert str(e.value) == "config.json has 'qwen2_vl'; supported model types: internvl, llava, llava_next, llava_onevision"
+    assert str(e.value) == "config.json has 'qwen2_vl'; supported model types: internvl, llava, llava_next, llava_onevision, paligemma"
     with pytest.raises(UnsupportedModelError, match="no model_type; supported model types: internvl, llava"):
         family_for({})
 
@@ -31,7 +32,7 @@ def test_unknown_model_type_lists_the_supported_ones():
 @pytest.mark.parametrize(
     "part, message",
     [
-        ({"text_config": {"model_type": "phi3"}}, "decoder of model_type 'phi3' is not supported (supported: gemma, llama, mistral, qwen2)"),
+        ({"text_config": {"model_type": "phi3"}}, "decoder of model_type 'phi3' is not supported (supported: gemma, gemma2, llama, mistral, qwen2)"),
         ({"vision_config": {"model_type": "dinov2"}}, "vision tower of model_type 'dinov2' is not supported (supported: clip_vision_model, siglip_vision_model)"),
         ({"projector_type": "resampler"}, "projection type 'resampler' is not supported (supported: linear, mlp)"),
         ({"vision_feature_select_strategy": "cls"}, "vision_feature_select_strategy 'cls' is not supported"),
@@ -139,14 +140,10 @@ def test_random_family_configs_raise_only_our_errors(edits):
 
     from vlmcli.model.multimodal import VisionLanguageModel
 
+    from tests.test_fuzz import apply_edits
+
     cfg = copy.deepcopy(_BASE)
-    for path, value in edits:
-        target = cfg
-        for key in path[:-1]:
-            if not isinstance(target.get(key), dict):
-                target[key] = {}
-            target = target[key]
-        target[path[-1]] = value
+    apply_edits(cfg, edits)
     try:
         parsed = MultiModalConfig.from_hf(cfg)
         with torch.device("meta"):

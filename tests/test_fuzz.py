@@ -130,12 +130,8 @@ _CONFIG_PATHS = [
 ]
 
 
-@FUZZ
-@given(edits=st.lists(st.tuples(st.sampled_from(_CONFIG_PATHS), _json_values), min_size=1, max_size=3))
-def test_random_configs(good, tmp_path_factory, edits):
-    folder = _fresh(good, tmp_path_factory)
-    shutil.copy(good / "model.safetensors", folder / "model.safetensors")
-    cfg = json.loads((good / "config.json").read_text())
+def apply_edits(cfg: dict, edits) -> None:
+    """Set each (key path, value) in a config dict, making the dicts on the way."""
     for path, value in edits:
         target = cfg
         for key in path[:-1]:
@@ -143,6 +139,15 @@ def test_random_configs(good, tmp_path_factory, edits):
                 target[key] = {}
             target = target[key]
         target[path[-1]] = value
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.sampled_from(_CONFIG_PATHS), _json_values), min_size=1, max_size=3))
+def test_random_configs(good, tmp_path_factory, edits):
+    folder = _fresh(good, tmp_path_factory)
+    shutil.copy(good / "model.safetensors", folder / "model.safetensors")
+    cfg = json.loads((good / "config.json").read_text())
+    apply_edits(cfg, edits)
     (folder / "config.json").write_text(json.dumps(cfg))
     _load_expecting_our_errors(folder)
 
