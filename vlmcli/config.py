@@ -87,7 +87,7 @@ class RopeConfig:
 class TextConfig:
     """A LLaMA-family decoder (RMSNorm, RoPE, grouped-query attention, gated MLP).
 
-    Llama, Mistral, Qwen2 and Gemma differ only in the switches below."""
+    Llama, Mistral, Qwen2, Gemma and Gemma2 differ only in the switches below."""
 
     model_type: str = "llama"
     vocab_size: int = 32000
@@ -114,6 +114,13 @@ class TextConfig:
     sliding_from: int = 0
     embedding_multiplier: float = 1.0  # Gemma scales token embeddings by sqrt(d_model)
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
+    # Gemma2: scores scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5), then
+    # soft-capped (cap * tanh(s / cap)); logits soft-capped the same way; and each block's
+    # attention and MLP outputs normalised before the residual add ("sandwich" norms).
+    attention_scale: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sandwich_norms: bool = False
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     pad_token_id: int | None = None
@@ -246,6 +253,10 @@ class MultiModalConfig:
             )
         if t.sliding_window is not None:
             _positive("text_config", sliding_window=t.sliding_window)
+        for name, value in (("attn_logit_softcapping", t.attn_logit_softcap),
+                            ("final_logit_softcapping", t.final_logit_softcap)):
+            if value is not None and (not math.isfinite(value) or value <= 0):
+                raise CheckpointError(f"config.json: {name} must be a positive number, not {value}")
         for name, value in (("rms_norm_eps", t.norm_eps), ("rope_theta", t.rope_theta),
                             ("layer_norm_eps", v.norm_eps)):
             if not math.isfinite(value) or value <= 0:
@@ -357,6 +368,14 @@ _TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
         max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
         attention_bias=False, bos_token_id=2, eos_token_id=1, pad_token_id=0,
     ),
+    "gemma2": dict(
+        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_act="gelu_pytorch_tanh",
+        max_position_embeddings=8192, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        attention_bias=False, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0,
+    ),
 }
 
 SUPPORTED_TEXT_MODEL_TYPES = tuple(sorted(_TEXT_DEFAULTS))
@@ -426,10 +445,12 @@ def text_from_hf(cfg: dict[str, Any]) -> TextConfig:
     head_dim = int(_get(cfg, d, "head_dim") or d_model // n_heads)
     n_layers = int(_get(cfg, d, "num_hidden_layers"))
     max_pos = int(_get(cfg, d, "max_position_embeddings"))
-    activation = _get(cfg, d, "hidden_act")
+    # Gemma2Config reads `hidden_activation` (a `hidden_act` key there is ignored)
+    activation = (cfg.get("hidden_activation") or d["hidden_act"]) if model_type == "gemma2" else _get(cfg, d, "hidden_act")
     qkv_bias = o_bias = bool(_get(cfg, d, "attention_bias") or False)
     sliding_window, sliding_layers, sliding_from = None, None, 0
     multiplier, norm_offset = 1.0, 0.0
+    attention_scale = attn_softcap = final_softcap = None
     if model_type == "mistral":
         # Mistral ignores `layer_types`: the window (if any) applies to every layer.
         sliding_window = cfg.get("sliding_window", d["sliding_window"])
@@ -447,6 +468,22 @@ def text_from_hf(cfg: dict[str, Any]) -> TextConfig:
             activation = "gelu_pytorch_tanh"
         multiplier = d_model**0.5
         norm_offset = 1.0
+    elif model_type == "gemma2":
+        multiplier = d_model**0.5
+        norm_offset = 1.0
+        scalar = float(_get(cfg, d, "query_pre_attn_scalar"))
+        if not math.isfinite(scalar) or scalar <= 0:
+            raise CheckpointError(f"config.json: query_pre_attn_scalar must be a positive number, not {scalar}")
+        attention_scale = scalar**-0.5
+        # null is a setting here (no capping), not "use the default"
+        attn_softcap = cfg.get("attn_logit_softcapping", d["attn_logit_softcapping"])
+        final_softcap = cfg.get("final_logit_softcapping", d["final_logit_softcapping"])
+        sliding_window = cfg.get("sliding_window", d["sliding_window"])
+        layer_types = cfg.get("layer_types")
+        if layer_types is not None:
+            sliding_layers = tuple(i for i, t in enumerate(layer_types) if t == "sliding_attention")
+        else:  # Gemma2Config: even layers slide, odd ones see everything
+            sliding_layers = tuple(range(0, n_layers, 2))
     if sliding_layers == () or sliding_from >= n_layers:
         sliding_window = None  # no layer slides
     if sliding_window is None:
@@ -476,6 +513,10 @@ def text_from_hf(cfg: dict[str, Any]) -> TextConfig:
         sliding_from=sliding_from,
         embedding_multiplier=multiplier,
         norm_offset=norm_offset,
+        attention_scale=attention_scale,
+        attn_logit_softcap=None if attn_softcap is None else float(attn_softcap),
+        final_logit_softcap=None if final_softcap is None else float(final_softcap),
+        sandwich_norms=model_type == "gemma2",
         bos_token_id=cfg.get("bos_token_id", d["bos_token_id"]),
         eos_token_ids=_eos_ids(cfg.get("eos_token_id", d["eos_token_id"])),
         pad_token_id=cfg.get("pad_token_id", d["pad_token_id"]),
@@ -519,7 +560,7 @@ def anyres_from_hf(
 
 # How `vlm info` names the parts.
 VISION_NAMES = {"clip_vision_model": "CLIP ViT", "siglip_vision_model": "SigLIP"}
-DECODER_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma"}
+DECODER_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma": "Gemma", "gemma2": "Gemma2"}
 
 
 def describe_parts(family_name: str, cfg: MultiModalConfig) -> str:

@@ -26,7 +26,15 @@ def describe(
             metavar="IMAGE",
         ),
     ],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about each image.")] = DEFAULT_PROMPT,
+    prompt: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help="What to ask about each image.",
+            show_default=f"{DEFAULT_PROMPT} / PaliGemma: caption en",
+        ),
+    ] = None,
     model: options.Model = options.DEFAULT_MODEL,
     backend: options.BackendName = "auto",
     max_tokens: options.MaxTokens = 256,
@@ -51,6 +59,8 @@ def describe(
     # Every path checked and every URL fetched before the model loads, not after
     images = [item.fetched() for item in inputs.expand(image)]
     pipe = load_pipeline(model, backend)
+    if prompt is None:
+        prompt = pipe.family.default_prompt or DEFAULT_PROMPT
 
     # Text streamed to a terminal is its own progress; a bar is drawn (on stderr) when the
     # results go to a file or a pipe.

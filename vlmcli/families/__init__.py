@@ -25,6 +25,7 @@ contract below and never on a family's module names.
     llava_next        LLaVA-NeXT        llava/        tokens, anyres tiles
     llava_onevision   LLaVA-OneVision   llava/        tokens, anyres_max_N tiles
     internvl          InternVL          internvl/     tokens, 448 px tiles + thumbnail
+    paligemma         PaliGemma         paligemma/    tokens, one view; a bidirectional prefix
 
 Adding a family: a folder with its config parsing, weight names, processor and model
 assembly (from the shared blocks in vlmcli/model/), and one line in `_FAMILY_MODULES`.
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from vlmcli.tokenizer import Tokenizer
 
 # The registry: each module's FAMILIES, in the order `vlm info` and errors list them.
-_FAMILY_MODULES = ("vlmcli.families.llava", "vlmcli.families.internvl")
+_FAMILY_MODULES = ("vlmcli.families.llava", "vlmcli.families.internvl", "vlmcli.families.paligemma")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Family:
     chat_template: Callable[["MultiModalConfig"], str | None]  # None: the family has no chat format
     describe: Callable[["MultiModalConfig"], str]  # 'LLaVA (SigLIP, MLP projector, Qwen2 decoder)'
     chat: bool = True  # False: a single-turn model (`vlm chat` says so)
+    default_prompt: str | None = None  # `vlm describe` without -p; None: the command's own
 
     def canonical_name(self, key: str) -> str | None:
         return self.weight_name(key)

@@ -12,6 +12,11 @@ The family members differ in a few switches (see TextConfig):
     Qwen2    + biases on q/k/v; optionally a sliding window on the upper layers
     Gemma    GeGLU (GELU-tanh gate), embeddings scaled by sqrt(d_model), RMSNorm by (1 + w),
              head_dim set by the config rather than d_model / n_heads
+    Gemma2   + scores scaled by query_pre_attn_scalar ** -0.5 and soft-capped (SDPA cannot
+             cap, so those layers attend by an explicit softmax), logits soft-capped,
+             "sandwich" norms (each sublayer's output normalised before the residual add:
+             post_attention_layernorm, pre_/post_feedforward_layernorm), a sliding window
+             on alternate layers
 and in RoPE scaling (rope.py).
 
 Parameter names follow Hugging Face Llama checkpoints so the loader maps them by prefix.
@@ -78,7 +83,8 @@ def causal_mask(
 ) -> torch.Tensor | None:
     """Boolean mask for `length` queries starting at `pos` over keys 0..pos+length-1; with a
     sliding `window`, query q sees only keys q-window+1..q; with a `prefix` (prefix-LM, as
-    PaliGemma), the first `prefix` positions also see each other in both directions.
+    PaliGemma), the first `prefix` positions also see each other in both directions, window
+    or not (transformers' blockwise overlay is OR-ed onto the sliding causal mask).
 
     None when SDPA's own handling is exact: the window cuts nothing, no query of this chunk
     lies in a bidirectional prefix, and either one query sees every cached key or a prefill
@@ -94,15 +100,36 @@ def causal_mask(
 
 def slot_mask(q: torch.Tensor, n_keys: int, device, window: int | None = None, prefix: int = 0) -> torch.Tensor:
     """Boolean (T, n_keys) mask for queries at cache slots `q` (T, 1) over keys 0..n_keys-1:
-    causal, within `window`, and bidirectional over the first `prefix` slots. Built from
-    tensors only, so a compiled step computes it inside its graph."""
+    causal within `window`, and bidirectional over the first `prefix` slots (all of them,
+    even past the window). Built from tensors only, so a compiled step computes it inside
+    its graph."""
     k = torch.arange(n_keys, device=device)[None, :]
     mask = k <= q
-    if prefix:
-        mask |= (k < prefix) & (q < prefix)
     if window is not None:
         mask &= k > q - window
+    if prefix:
+        mask |= (k < prefix) & (q < prefix)
     return mask
+
+
+def softcapped_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, cap: float
+) -> torch.Tensor:
+    """Attention with soft-capped scores, cap * tanh(q.k * scale / cap) (Gemma2), which SDPA
+    cannot do: q (B, nh, Tq, hd), k and v (B, nkv, S, hd), mask (Tq, S) boolean or None
+    (causal, queries at the end of the keys). In transformers' eager order, softmax in fp32."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / cap) * cap
+    if mask is None:
+        Tq, S = scores.shape[-2:]
+        mask = torch.ones(Tq, S, dtype=torch.bool, device=q.device).tril(S - Tq)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
 
 
 class Attention(nn.Module):
@@ -111,6 +138,8 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.window = cfg.window_for(layer_index)
+        self.scale = cfg.attention_scale  # None: SDPA's 1 / sqrt(head_dim)
+        self.softcap = cfg.attn_logit_softcap
         self.attention_dtype: torch.dtype | None = None  # None: the activations' dtype
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -155,9 +184,14 @@ class Attention(nn.Module):
         dtype = q.dtype
         if self.attention_dtype is not None and self.attention_dtype != dtype:
             q, k, v = q.to(self.attention_dtype), k.to(self.attention_dtype), v.to(self.attention_dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=(mask is None and Tq > 1), enable_gqa=self.n_kv != self.n_heads
-        ).to(dtype)
+        if self.softcap is not None:
+            scale = self.scale if self.scale is not None else self.head_dim**-0.5
+            y = softcapped_attention(q, k, v, mask, scale, self.softcap).to(dtype)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=(mask is None and Tq > 1), enable_gqa=self.n_kv != self.n_heads,
+                scale=self.scale,
+            ).to(dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, Tq, -1))
 
 
@@ -184,17 +218,29 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Llama: x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x)).
+    Gemma2 (sandwich norms; the checkpoints' names, so post_attention_layernorm changes
+    role): x + post_attention_layernorm(attn(input_layernorm(x))), then
+    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))."""
+
     def __init__(self, cfg: TextConfig, layer_index: int):
         super().__init__()
+        self.sandwich = cfg.sandwich_norms
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.self_attn = Attention(cfg, layer_index)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+            self.post_feedforward_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.mlp = MLP(cfg)
 
     def forward(
         self, x, cos, sin, slots: int | torch.Tensor, cache: KVCache | None, masks: dict, last_only: bool = False
     ) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), cos, sin, slots, cache, masks, last_only)
+        if self.sandwich:
+            x = x[:, -h.shape[1] :] + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x[:, -h.shape[1] :] + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -285,4 +331,8 @@ class Decoder(nn.Module):
         # and values, which the cache keeps) and the head run for the last position alone.
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, slots, cache, masks, last_only=last_only and i == len(self.layers) - 1)
-        return self.lm_head(self.norm(x))
+        logits = self.lm_head(self.norm(x))
+        cap = self.cfg.final_logit_softcap
+        if cap is not None:  # Gemma2
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -12,8 +12,10 @@ a bias on the patch-embedding conv.
 
 A LLaVA takes the hidden states of one or more blocks (not the final pooled output), so
 the encoder returns the ones asked for and never runs blocks past the deepest of them.
-Neither tower's post_layernorm nor SigLIP's attention-pooling head is used: transformers
-selects `hidden_states[i]`, which for both towers is the raw output of block i.
+LLaVA uses neither tower's post_layernorm nor SigLIP's attention-pooling head: transformers
+selects `hidden_states[i]`, which for both towers is the raw output of block i. PaliGemma
+takes SigLIP's `last_hidden_state` instead, the last block's output after post_layernorm
+(`post_layernorm=True`: the final hidden state is normalised, the others stay raw).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class VisionEncoder(nn.Module):
     """Parameter names follow the checkpoints' (`embeddings`, `pre_layrnorm`, `encoder.layers`)
     so the loader maps names by prefix alone."""
 
-    def __init__(self, cfg: VisionConfig, n_layers: int):
+    def __init__(self, cfg: VisionConfig, n_layers: int, post_layernorm: bool = False):
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
@@ -109,6 +111,7 @@ class VisionEncoder(nn.Module):
         # uses layer -2, so the last block of ViT-L is never loaded or run).
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(n_layers))
+        self.post_layernorm = nn.LayerNorm(cfg.d_vision, eps=cfg.norm_eps) if post_layernorm else None
 
     def forward(self, pixels: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
         """Hidden states at `layers` (0 = embeddings, i = after block i; negative from the end
@@ -121,4 +124,7 @@ class VisionEncoder(nn.Module):
             x = block(x)
             if i in wanted:
                 states[i] = x
+        last = self.cfg.n_layers
+        if self.post_layernorm is not None and last in states:
+            states[last] = self.post_layernorm(states[last])
         return [states[i] for i in wanted]
