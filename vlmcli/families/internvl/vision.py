@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcli.families.internvl.config import InternVisionConfig
-from vlmcli.model.activations import activation
+from vlmcli.model.vision import VisionMLP
 from vlmcli.model.decoder import RMSNorm  # x / rms(x) * w in fp32, as InternVLVisionRMSNorm
 
 
@@ -92,22 +92,11 @@ class InternVisionAttention(nn.Module):
         return self.projection_layer(y.transpose(1, 2).reshape(B, T, d))
 
 
-class InternVisionMLP(nn.Module):
-    def __init__(self, cfg: InternVisionConfig):
-        super().__init__()
-        self.act = activation(cfg.activation)
-        self.fc1 = nn.Linear(cfg.d_vision, cfg.d_ff)
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_vision)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class InternVisionLayer(nn.Module):
     def __init__(self, cfg: InternVisionConfig):
         super().__init__()
         self.attention = InternVisionAttention(cfg)
-        self.mlp = InternVisionMLP(cfg)
+        self.mlp = VisionMLP(cfg)  # fc1 -> act -> fc2, as CLIP's
         self.layernorm_before = _norm(cfg)
         self.layernorm_after = _norm(cfg)
         self.lambda_1 = nn.Parameter(torch.empty(cfg.d_vision))  # layer scale
