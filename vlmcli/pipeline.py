@@ -17,6 +17,7 @@ import torch
 import backends
 from backends.base import Backend
 from vlmcli import checkpoint
+from vlmcli.errors import UsageError
 from vlmcli.generate import CompiledStep, Generation, SamplingOptions, Timings, generate, ms_since
 from vlmcli.inputs import ImageInput
 from vlmcli.loader import LoadedModel, ProgressFn, load_model
@@ -61,6 +62,16 @@ class Pipeline:
         self.stop_ids = stop_ids
         self.model_ref = model_ref
         self.step: CompiledStep | None = None  # None: decode steps run eagerly
+
+    def set_max_tiles(self, n: int) -> None:
+        """At most `n` tiles per image, for families whose processor tiles by count."""
+        setter = getattr(self.processor, "set_max_tiles", None)
+        if setter is None:
+            raise UsageError(
+                f"--max-tiles applies to models that cut images into a number of tiles (InternVL); "
+                f"{self.family.name} does not"
+            )
+        setter(n)
 
     def compile_step(self) -> bool:
         """Decode through `torch.compile` from now on (one graph per cache length; the

@@ -63,6 +63,7 @@ def chat(
     top_k: options.TopK = 0,
     repetition_penalty: options.RepetitionPenalty = 1.0,
     seed: options.Seed = None,
+    max_tiles: options.MaxTiles = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Talk with a model, with pictures; /help lists the commands."""
@@ -76,7 +77,7 @@ def chat(
         seed=seed,
     )
     images = [item.fetched() for item in inputs.expand(image or [], allow_stdin=False)]
-    session = ChatSession(load_pipeline(model, backend), opts)
+    session = ChatSession(load_pipeline(model, backend, max_tiles), opts)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
         notice(f"chatting with {model}; /help for commands, Ctrl-D to quit")

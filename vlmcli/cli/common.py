@@ -16,11 +16,13 @@ def sampling_options(**kwargs) -> SamplingOptions:
         raise UsageError(str(e)) from None
 
 
-def load_pipeline(model: str, backend: str) -> Pipeline:
+def load_pipeline(model: str, backend: str, max_tiles: int | None = None) -> Pipeline:
     """The model, with huggingface_hub's download bars and our loading bar on a terminal
     (nothing under -q or when stderr is not a terminal)."""
     state.phase = "loading the model"
     with progress_bar("loading model") as update:
         pipe = Pipeline.load(model, backend, progress=update, notice=notice, download_progress=show_progress())
+    if max_tiles is not None:
+        pipe.set_max_tiles(max_tiles)
     state.phase = "generating"
     return pipe

@@ -43,6 +43,7 @@ def describe(
     top_k: options.TopK = 0,
     repetition_penalty: options.RepetitionPenalty = 1.0,
     seed: options.Seed = None,
+    max_tiles: options.MaxTiles = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout (JSON Lines).")] = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -58,7 +59,7 @@ def describe(
     )
     # Every path checked and every URL fetched before the model loads, not after
     images = [item.fetched() for item in inputs.expand(image)]
-    pipe = load_pipeline(model, backend)
+    pipe = load_pipeline(model, backend, max_tiles)
     if prompt is None:
         prompt = pipe.family.default_prompt or DEFAULT_PROMPT
 

@@ -38,3 +38,12 @@ RepetitionPenalty = Annotated[
 ]
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices on stderr.")]
+MaxTiles = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-tiles",
+        min=1,
+        help="Most tiles an image is cut into, for models that tile by count (InternVL: 1-12 "
+        "plus a thumbnail by default). Fewer tiles: fewer image tokens, faster answers.",
+    ),
+]
