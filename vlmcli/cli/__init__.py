@@ -54,8 +54,7 @@ app.command("bench")(bench.bench)
 
 
 def _torch_oom() -> type[BaseException]:
-    import torch  # already imported by any command that can run out of memory
-
+    torch = sys.modules.get("torch")  # not imported: the command cannot have run out of torch's memory
     return getattr(torch, "OutOfMemoryError", MemoryError)
 
 

@@ -11,21 +11,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-import backends
 import vlmcli
-from vlmcli import bench as library
-from vlmcli import checkpoint
 from vlmcli.cli import options
 from vlmcli.cli.console import progress_bar, show_progress, state
 from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, UsageError
-from vlmcli.preprocess import load_image_with_notes
-from vlmcli.quantization import Quantization, read_quantization
+
+if TYPE_CHECKING:  # torch comes with these: imported when the command runs, not for --help
+    from vlmcli.quantization import Quantization
 
 DEFAULT_PROMPT = "Describe the image in detail."
 
@@ -55,6 +53,12 @@ def bench(
     child: Annotated[bool, typer.Option("--child", hidden=True, help="Run one backend here and print its JSON row.")] = False,
 ) -> None:
     """Time each stage (preprocessing, vision, prefill, decoding) and peak memory, per backend."""
+    import backends
+    from vlmcli import bench as library
+    from vlmcli import checkpoint
+    from vlmcli.preprocess import load_image_with_notes
+    from vlmcli.quantization import read_quantization
+
     state.quiet = quiet
     if child:
         _child(model, backend, image, prompt, tokens, runs)
@@ -97,6 +101,8 @@ def bench(
 def _child(model: str, specs: list[str], image: Path | None, prompt: str, tokens: int, runs: int) -> None:
     if len(specs) != 1:
         raise UsageError("--child takes exactly one --backend")
+    from vlmcli import bench as library
+
     state.phase = "benchmarking"
     row = library.run_bench(model, specs[0], image, prompt, tokens, runs)
     print(json.dumps(row), flush=True)
@@ -104,6 +110,8 @@ def _child(model: str, specs: list[str], image: Path | None, prompt: str, tokens
 
 def _unavailable_reason(spec: str, quantization: Quantization | None) -> str | None:
     """Why `spec` cannot run here with this checkpoint, said before a child is started."""
+    import backends
+
     try:
         return backends.build(spec, quantization).unavailable_reason()
     except UsageError as e:  # e.g. int8 asked of a checkpoint stored as nf4

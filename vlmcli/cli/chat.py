@@ -12,17 +12,18 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
-import torch
 import typer
 
 from vlmcli import inputs
-from vlmcli.chat import ChatSession, Reply
 from vlmcli.cli import options
 from vlmcli.cli.common import load_pipeline, sampling_options
 from vlmcli.cli.console import err_console, notice, state, write_result
 from vlmcli.errors import UsageError, VlmError
+
+if TYPE_CHECKING:  # torch comes with these: imported when the command runs, not for --help
+    from vlmcli.chat import ChatSession, Reply
 
 PROMPT = "> "
 CONTINUATION = ". "
@@ -77,6 +78,8 @@ def chat(
         seed=seed,
     )
     images = [item.fetched() for item in inputs.expand(image or [], allow_stdin=False)]
+    from vlmcli.chat import ChatSession
+
     session = ChatSession(load_pipeline(model, backend, max_tiles), opts)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
@@ -119,6 +122,8 @@ def _interactive(session: ChatSession) -> None:
 
 def _interactive_turn(session: ChatSession, prompt) -> str | None:
     """Read one line and act on it; errors are said and the conversation goes on."""
+    import torch
+
     try:
         line = prompt.prompt(PROMPT)
     except EOFError:  # Ctrl-D

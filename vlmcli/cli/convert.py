@@ -7,12 +7,10 @@ from typing import Annotated
 
 import typer
 
-from vlmcli import convert as library
-from vlmcli.checkpoint import parse_size
 from vlmcli.cli import options
 from vlmcli.cli.console import progress_bar, state
-from vlmcli.info import human_bytes
 
+DEFAULT_MAX_SHARD = "5GB"  # vlmcli.convert.DEFAULT_MAX_SHARD; not imported here, it brings torch
 
 
 def convert(
@@ -39,10 +37,14 @@ def convert(
     ] = False,
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", help="Split the weights into files of at most this size.")
-    ] = library.DEFAULT_MAX_SHARD,
+    ] = DEFAULT_MAX_SHARD,
     quiet: options.Quiet = False,
 ) -> None:
     """Convert a model to int8, nf4, fp4 (bitsandbytes) or fp16 / bf16."""
+    from vlmcli import convert as library
+    from vlmcli.checkpoint import parse_size
+    from vlmcli.info import human_bytes
+
     state.quiet = quiet
     opts = library.ConvertOptions(
         to=to.lower(),

@@ -11,7 +11,6 @@ from rich.table import Table
 
 from vlmcli.cli import options
 from vlmcli.cli.console import state
-from vlmcli.info import human_bytes, human_count, model_info
 
 
 def info(
@@ -20,6 +19,8 @@ def info(
     quiet: options.Quiet = False,
 ) -> None:
     """Describe a model and estimate its memory on each backend (no weights are loaded)."""
+    from vlmcli.info import human_bytes, human_count, model_info  # torch: imported when the command runs
+
     state.quiet = quiet
     data = model_info(model, download_progress=not quiet)
     if json_out:
