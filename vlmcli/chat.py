@@ -68,6 +68,11 @@ class ChatSession:
         self.messages: list[Message] = []
         self.images: list[ImageInput] = []  # every image of the conversation, in order
         self._visual: list[torch.Tensor] = []  # their visual tokens, (n_visual, d) each
+        self._grids: list = []  # their patch grids, where the family lays images out (Qwen2-VL)
+        # what a position adds to its cache slot after the last prompt (Qwen2-VL's M-RoPE
+        # delta); every rendering's positions come from the processor, so a follow-up turn
+        # continues from the cache's end with this offset
+        self.position_offset = 0
         self._pending = 0  # images added since the last user message
         self._cache: KVCache | None = None
         self._cached_ids: list[int] = []  # the ids whose keys/values fill cache positions 0..n-1
@@ -92,9 +97,13 @@ class ChatSession:
         if not isinstance(image, ImageInput):
             image = ImageInput(str(image), Path(image))
         image = image.fetched()
-        visual, notes = self.pipe.encode_images([image], Timings())
+        timings = Timings()
+        prepared = self.pipe.prepare_images([image], timings)
+        visual, notes = self.pipe.encode_prepared(prepared, timings), prepared.notes
         self.images.append(image)
         self._visual.append(visual[0])
+        if prepared.grids is not None:
+            self._grids.append(prepared.grids[0])
         self._pending += 1
         return notes
 
@@ -103,8 +112,10 @@ class ChatSession:
         self.messages = []
         self.images = []
         self._visual = []
+        self._grids = []
         self._pending = 0
         self._cached_ids = []
+        self.position_offset = 0
 
     # ------------------------------------------------------------------ a turn
 
@@ -115,7 +126,9 @@ class ChatSession:
         messages = self.messages + [user]
         try:
             # each image's own count: LLaVA-NeXT / OneVision counts depend on the image
-            seq = pipe.build_prompt(messages, [v.shape[0] for v in self._visual], self.context_length)
+            seq = pipe.build_prompt(
+                messages, [v.shape[0] for v in self._visual], self.context_length, grids=self._grids or None
+            )
         except ContextLengthError as e:
             raise ContextLengthError(
                 f"the conversation no longer fits the model's context: {e}",
@@ -144,6 +157,10 @@ class ChatSession:
             if on_text and tail:
                 on_text(tail)
 
+        positions = offset = None
+        if seq.positions is not None:
+            positions = seq.positions[..., reuse:]
+            offset = int(seq.positions[..., -1].max()) + 1 - len(ids)
         timings = Timings()
         try:
             result = generate(
@@ -159,6 +176,8 @@ class ChatSession:
                 step=pipe.step,
                 on_token=on_token,
                 timings=timings,
+                positions=positions,
+                position_offset=offset,
             )
         except KeyboardInterrupt:
             flush()
@@ -167,6 +186,7 @@ class ChatSession:
                 self._pending = 0
             raise
         flush()
+        self.position_offset = offset or 0
         reply_text = pipe.tokenizer.decode(result.tokens)
         self.messages += [user, assistant_message(reply_text)]
         self._pending = 0

@@ -137,10 +137,16 @@ class CompiledStep:
     def compiles(self) -> int:
         return len(self._lengths)
 
-    def __call__(self, tokens: torch.Tensor, slot: int, cache: KVCache) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, slot: int, cache: KVCache, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """positions: the step's RoPE position as a device tensor (1,) where it is not the
+        slot (Qwen2-VL after an image), an input of the graph like the slot."""
         self._lengths.add(cache.max_len)
         slots = torch.tensor([slot], device=tokens.device)
-        return self._fn(tokens, slots, cache)
+        if positions is None:
+            return self._fn(tokens, slots, cache)
+        return self._fn(tokens, slots, cache, positions)
 
 
 @torch.inference_mode()
@@ -158,6 +164,8 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     timings: Timings | None = None,
     step: Callable[[torch.Tensor, int, KVCache], torch.Tensor] | None = None,
+    positions: torch.Tensor | None = None,
+    position_offset: int | None = None,
 ) -> Generation:
     """Prefill `input_ids` (with `visual_tokens` in their image slots) at cache position
     `start_pos`, then decode until a stop token or max_new_tokens.
@@ -166,7 +174,10 @@ def generate(
     is the ids already in the cache before start_pos (chat turns), used only by the
     repetition penalty. A stop token ends generation and is not returned; `on_token` is
     called with each returned token as soon as it is chosen. `step`: how one token is
-    decoded (a CompiledStep); by default `model.step`, eagerly.
+    decoded (a CompiledStep); by default `model.step`, eagerly. `positions`: the RoPE
+    positions of `input_ids` when they are not their slots ((3, T) for Qwen2-VL);
+    `position_offset`: what a decoded token's position adds to its slot (Qwen2-VL's
+    delta, max position + 1 - prompt length; derived from `positions` when not given).
     """
     timings = timings if timings is not None else Timings()
     step = step or model.step
@@ -178,7 +189,14 @@ def generate(
     seen = torch.tensor((history or []) + input_ids, device=device)
 
     t0 = time.perf_counter()
-    logits = model.prefill(ids, visual_tokens, cache, start_pos, prefix=prefix)[0]
+    if positions is not None:
+        positions = torch.as_tensor(positions, device=device)
+        if position_offset is None:  # the last id is text: its position is the largest
+            position_offset = int(positions[..., -1].max()) + 1 - (start_pos + len(input_ids))
+        logits = model.prefill(ids, visual_tokens, cache, start_pos, prefix=prefix, positions=positions)[0]
+    else:
+        logits = model.prefill(ids, visual_tokens, cache, start_pos, prefix=prefix)[0]
+    offset = position_offset or 0
     timings.prefill_ms += ms_since(t0, device)
 
     out = Generation()
@@ -199,7 +217,11 @@ def generate(
         if pos >= cache.max_len:
             break  # context full: reported as "length"
         seen = torch.cat([seen, torch.tensor([token], device=device)])
-        logits = step(torch.tensor([[token]], device=device), pos, cache)[0]
+        if offset:
+            at = torch.tensor([pos + offset], device=device)
+            logits = step(torch.tensor([[token]], device=device), pos, cache, positions=at)[0]
+        else:
+            logits = step(torch.tensor([[token]], device=device), pos, cache)[0]
         pos += 1
         timings.decode_tokens += 1  # forward passes after the prefill
     timings.decode_ms += ms_since(t0, device)

@@ -150,8 +150,13 @@ class Pipeline:
             return None, []
         return self.encode_prepared(prepared, timings), prepared.notes
 
-    def build_prompt(self, messages: list[Message], token_counts: list[int], context_length: int | None = None) -> PromptSequence:
-        """The family's prompt for `messages`, image slots sized by `token_counts`."""
+    def build_prompt(
+        self, messages: list[Message], token_counts: list[int], context_length: int | None = None, grids=None
+    ) -> PromptSequence:
+        """The family's prompt for `messages`, image slots sized by `token_counts` (and laid
+        out on `grids`, each image's patch grid, for families whose positions need it)."""
+        if grids is not None:
+            return self.processor.build_prompt(messages, token_counts, context_length or self.context_length, grids=grids)
         return self.processor.build_prompt(messages, token_counts, context_length or self.context_length)
 
     def ask(
@@ -166,7 +171,7 @@ class Pipeline:
         prepared = self.prepare_images(images, timings)
         counts = prepared.token_counts if prepared is not None else [self.tokens_per_image] * count_images(messages)
         # built and checked before the vision tower or the decoder run
-        seq = self.build_prompt(messages, counts)
+        seq = self.build_prompt(messages, counts, grids=prepared.grids if prepared is not None else None)
         visual = self.encode_prepared(prepared, timings) if prepared is not None else None
         notes = prepared.notes if prepared is not None else []
         cache_len = min(self.context_length, len(seq.ids) + opts.max_new_tokens)
@@ -180,7 +185,7 @@ class Pipeline:
                     on_text(piece)
         result: Generation = generate(
             self.model, seq.ids, visual, opts, self.stop_ids, cache,
-            prefix=seq.prefix, on_token=on_token, timings=timings, step=self.step,
+            prefix=seq.prefix, on_token=on_token, timings=timings, step=self.step, positions=seq.positions,
         )
         if on_text:
             tail = stream.flush()

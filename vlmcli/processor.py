@@ -37,6 +37,9 @@ class PreparedImages:
     views_per_image: list[int]
     token_counts: list[int]  # visual tokens per image, in order
     notes: list[str] = field(default_factory=list)
+    # (t, h, w) patch grid of each image, for families whose prompt positions follow it
+    # (Qwen2-VL); None elsewhere
+    grids: list[tuple[int, int, int]] | None = None
 
 
 class Processor(Protocol):

@@ -48,6 +48,9 @@ class PromptSequence:
     n_images: int
     # prefix-LM (PaliGemma): the first `prefix` ids attend to each other both ways; 0 is causal
     prefix: int = 0
+    # RoPE positions of `ids` when they are not 0..n-1: a LongTensor (3, n) for Qwen2-VL's
+    # multimodal RoPE (images laid out on their grid); None: the cache slots
+    positions: Any = None
 
 
 def expand_image_slots(ids: list[int], image_token_id: int, tokens_per_image: int | Sequence[int]) -> list[int]:

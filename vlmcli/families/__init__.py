@@ -26,6 +26,7 @@ contract below and never on a family's module names.
     llava_onevision   LLaVA-OneVision   llava/        tokens, anyres_max_N tiles
     internvl          InternVL          internvl/     tokens, 448 px tiles + thumbnail
     paligemma         PaliGemma         paligemma/    tokens, one view; a bidirectional prefix
+    qwen2_vl          Qwen2-VL          qwen2_vl/     tokens, native resolution; 3-D (M-RoPE) positions
 
 Adding a family: a folder with its config parsing, weight names, processor and model
 assembly (from the shared blocks in vlmcli/model/), and one line in `_FAMILY_MODULES`.
@@ -51,7 +52,9 @@ if TYPE_CHECKING:
     from vlmcli.tokenizer import Tokenizer
 
 # The registry: each module's FAMILIES, in the order `vlm info` and errors list them.
-_FAMILY_MODULES = ("vlmcli.families.llava", "vlmcli.families.internvl", "vlmcli.families.paligemma")
+_FAMILY_MODULES = (
+    "vlmcli.families.llava", "vlmcli.families.internvl", "vlmcli.families.paligemma", "vlmcli.families.qwen2_vl",
+)
 
 
 @dataclass(frozen=True)

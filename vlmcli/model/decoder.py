@@ -257,6 +257,8 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rope: RotaryEmbedding | None = None
+        # Qwen2-VL's multimodal RoPE: positions (3, T) split head_dim/2 into these runs
+        self.mrope_section: tuple[int, ...] | None = None
         self.windows = sorted({layer.self_attn.window for layer in self.layers}, key=lambda w: w or 0)
 
     def tie_weights(self, head: nn.Module) -> None:
@@ -305,13 +307,18 @@ class Decoder(nn.Module):
 
         slots: the cache slots of the T tokens, an int start (slots start..start+T-1) or a
         LongTensor (T,) (the capturable decode step; see Attention.forward). positions: the
-        RoPE positions, a LongTensor (T,); by default the slots. prefix: the first `prefix`
+        RoPE positions, a LongTensor (T,), or (3, T) for multimodal RoPE (mrope_section);
+        by default the slots. prefix: the first `prefix`
         slots attend to each other both ways (prefix-LM); 0 is plain causal. Without a
         cache the sequence is attended to on its own (training and scoring)."""
         T = embeds.shape[1]
         device = embeds.device
         if isinstance(slots, int) and positions is None:
             cos, sin = self.rope(slots, T, embeds.dtype)
+        elif positions is not None and positions.dim() == 2:
+            if self.mrope_section is None:
+                raise ValueError("3-D RoPE positions need a decoder with mrope_section")
+            cos, sin = self.rope.at_mrope(positions, embeds.dtype, self.mrope_section)
         else:
             cos, sin = self.rope.at(slots if positions is None else positions, embeds.dtype)
         if isinstance(slots, int):

@@ -173,6 +173,21 @@ class RotaryEmbedding(torch.nn.Module):
         `reserve`): the same rows `forward` slices, gathered by index."""
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
+    def at_mrope(
+        self, positions: torch.Tensor, dtype: torch.dtype, section: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multimodal RoPE (Qwen2-VL): positions (3, T) (temporal, height, width streams) ->
+        cos/sin (T, head_dim). The frequencies are cut into `section` runs (sum head_dim/2)
+        taking streams 0, 1, 2, 0, 1, 2 ... in turn, the second half as the first, as
+        transformers' recomposition_frequencies: each entry is the table's row of its
+        stream's position, so the values are the 1-D tables' bits."""
+        T = positions.shape[-1]
+        sel = _mrope_streams(tuple(section), self.head_dim, positions.device)
+        idx = sel.view(1, 1, -1).expand(1, T, -1)
+        cos = self.cos[positions].gather(0, idx)[0]
+        sin = self.sin[positions].gather(0, idx)[0]
+        return cos.to(dtype), sin.to(dtype)
+
     def forward(self, pos: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         end = pos + length
         if self.rope.rope_type == "dynamic" and end > self.max_position_embeddings:
@@ -184,3 +199,17 @@ class RotaryEmbedding(torch.nn.Module):
         if end > self.cos.shape[0]:
             self._grow(end)
         return self.cos[pos:end].to(dtype), self.sin[pos:end].to(dtype)
+
+
+_STREAMS: dict = {}
+
+
+def _mrope_streams(section: tuple[int, ...], head_dim: int, device) -> torch.Tensor:
+    """The position stream (0 temporal, 1 height, 2 width) each of head_dim entries uses."""
+    key = (section, head_dim, str(device))
+    if key not in _STREAMS:
+        if 2 * sum(section) != head_dim:
+            raise ValueError(f"mrope_section {list(section)} does not cover head_dim {head_dim} / 2")
+        half = [i % 3 for i, n in enumerate(section) for _ in range(n)]
+        _STREAMS[key] = torch.tensor(half + half, dtype=torch.long, device=device)
+    return _STREAMS[key]
