@@ -11,20 +11,23 @@ from vlmcli.families.llava.templates import CHATML_CHAT_TEMPLATE, LLAVA_DEFAULT_
 
 
 def test_supported_model_types():
-    assert supported_model_types() == ["internvl", "llava", "llava_next", "llava_onevision", "paligemma"]
+    assert supported_model_types() == ["internvl", "llava", "llava_next", "llava_onevision", "paligemma", "qwen2_vl"]
     assert [family_for({"model_type": t}).name for t in supported_model_types()] == [
         "InternVL",
         "LLaVA",
         "LLaVA-NeXT",
         "LLaVA-OneVision",
         "PaliGemma",
+        "Qwen2-VL",
     ]
 
 
 def test_unknown_model_type_lists_the_supported_ones():
     with pytest.raises(UnsupportedModelError) as e:
-        family_for({"model_type": "qwen2_vl"})
-    assert str(e.value) == "config.json has 'qwen2_vl'; supported model types: internvl, llava, llava_next, llava_onevision, paligemma"
+        family_for({"model_type": "qwen2_5_vl"})
+    assert str(e.value) == (
+        "config.json has 'qwen2_5_vl'; supported model types: internvl, llava, llava_next, llava_onevision, paligemma, qwen2_vl"
+    )
     with pytest.raises(UnsupportedModelError, match="no model_type; supported model types: internvl, llava"):
         family_for({})
 

@@ -73,6 +73,16 @@ class Pipeline:
             )
         setter(n)
 
+    def set_pixels(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+        """The pixel budget per image, for families that resize to a budget (Qwen2-VL)."""
+        setter = getattr(self.processor, "set_pixels", None)
+        if setter is None:
+            raise UsageError(
+                f"--min-pixels / --max-pixels apply to models that take images at a pixel budget (Qwen2-VL); "
+                f"{self.family.name} does not"
+            )
+        setter(min_pixels, max_pixels)
+
     def compile_step(self) -> bool:
         """Decode through `torch.compile` from now on (one graph per cache length; the
         first token of each new length pays the compile). False where the model's step is
