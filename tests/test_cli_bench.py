@@ -87,7 +87,7 @@ def test_a_backend_failing_in_its_child_is_a_row(capsys, llava_ckpt, tmp_path):
     "args, code, message",
     [
         (["-b", "cpu", "-b", "tpu"], 2, "unknown backend 'tpu' (choose from: auto, cpu, cpu-bf16, cuda, bf16, int8, int4)"),
-        (["--tokens", "0"], 2, "Invalid value for '--tokens'"),
+        (["--tokens", "0"], 2, "error: invalid value for '--tokens': Input should be greater than or equal to 1\nTry 'vlm bench --help' for help.\n"),
         (["--image", "{missing}"], 1, "cannot read image '{missing}': no such file"),
     ],
 )
@@ -97,5 +97,5 @@ def test_errors_are_one_line(capsys, llava_ckpt, tmp_path, args, code, message):
     assert got == code
     assert message.format(missing=missing) in err
     assert out == "" and "Traceback" not in err
-    if not message.startswith("Invalid value"):  # Click's own usage errors come with a usage line
+    if not message.startswith("error: invalid value"):  # Click's own usage errors come with a hint line
         assert len(err.strip().splitlines()) == 1

@@ -91,10 +91,15 @@ def test_url(capsys, http_server, llava_ckpt, pipe, test_image):
 
 def test_inputs_fail_before_the_model_loads(capsys, http_server, test_image, tmp_path):
     base, _ = http_server
-    # the model does not exist either: the image error comes first
+    # the model does not exist either: the image error comes first (then the other image
+    # goes on, to the model's error)
     code, out, err = run(capsys, "describe", test_image, f"{base}/nothing.png", "-m", tmp_path / "no-model")
-    assert (code, out) == (1, "")
-    assert err == f"error: cannot fetch '{base}/nothing.png': HTTP 404 Not Found\n"
+    assert (code, out) == (2, "")
+    first, second = err.splitlines()
+    assert first == f"error: cannot fetch '{base}/nothing.png': HTTP 404 Not Found"
+    assert second.startswith(f"error: model '{tmp_path / 'no-model'}'")
+    code, out, err = run(capsys, "describe", f"{base}/nothing.png", "-m", tmp_path / "no-model")
+    assert (code, out, err) == (1, "", f"error: cannot fetch '{base}/nothing.png': HTTP 404 Not Found\n")
     code, out, err = run(capsys, "describe", f"{tmp_path}/*.png", "-m", tmp_path / "no-model")
     assert (code, out, err) == (1, "", f"error: no files match '{tmp_path}/*.png'\n")
 
@@ -153,7 +158,7 @@ def test_version():
 def test_shell_completion():
     env = {"_VLM_COMPLETE": "complete_bash", "COMP_WORDS": "vlm ch", "COMP_CWORD": "1"}
     assert vlm(env=env, text=True).stdout.split() == ["chat"]
-    env = {"_VLM_COMPLETE": "complete_bash", "COMP_WORDS": "vlm describe --max", "COMP_CWORD": "2"}
+    env = {"_VLM_COMPLETE": "complete_bash", "COMP_WORDS": "vlm describe --max-to", "COMP_CWORD": "2"}
     assert vlm(env=env, text=True).stdout.split() == ["--max-tokens"]
     script = vlm("--show-completion", "bash", text=True)
     assert script.returncode == 0 and "complete -o default -F _vlm_completion vlm" in script.stdout, script.stderr

@@ -5,7 +5,6 @@ the cache's length), counted with dynamo's own counters."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from vlmcli.generate import SamplingOptions
 from vlmcli.pipeline import Pipeline

@@ -54,7 +54,7 @@ def _bad_copy(good, tmp_path, edit) -> object:
          "error: config.json: text_config.num_attention_heads must be an integer from 1 to 16777216, not 0\n"),
         (lambda c: c["vision_config"].update(hidden_size="wide"),
          "error: config.json has an invalid value (ValueError: invalid literal for int() with base 10: 'wide')\n"),
-        (lambda c: c.update(model_type="qwen2_vl"), None),
+        (lambda c: c.update(model_type="blip_2"), None),
     ],
 )
 def test_same_error_from_every_command(capsys, llava_ckpt, test_image, tmp_path, edit, message):
@@ -69,7 +69,7 @@ def test_same_error_from_every_command(capsys, llava_ckpt, test_image, tmp_path,
     if message is not None:
         assert err == message
     else:
-        assert err.startswith("error: config.json has 'qwen2_vl'; supported model types: ")
+        assert err.startswith("error: config.json has 'blip_2'; supported model types: ")
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -9,6 +9,7 @@ transformers loads it as such, and `vlm` loads it without quantizing again.
       -> safetensors shards in a temporary folder beside OUTPUT
     + config.json with quantization_config, the tokenizer / template / preprocessor files,
       vlm_provenance.json (source, revision, tool version, date)
+      -> loaded and run once, as `vlm describe` would (`verify`; ConvertOptions.verify)
       -> fsync, then renamed to OUTPUT in one step
 
 A failure or Ctrl-C at any point leaves OUTPUT as it was and no temporary folder behind.
@@ -63,6 +64,7 @@ class ConvertOptions:
     quantize_all: bool = False  # also the vision tower, projector and lm_head
     max_shard_bytes: int = 5 * 10**9
     force: bool = False  # replace an existing OUTPUT
+    verify: bool = True  # load the written model and run it once before it is moved into place
 
 
 @dataclass
@@ -72,6 +74,7 @@ class ConvertResult:
     bytes_written: int
     quantized_layers: int
     unquantized_layers: int
+    verified_with: str | None = None  # the backend the output was loaded and run with
 
 
 def convert(
@@ -112,6 +115,8 @@ def convert(
     try:
         tied = cfg.text.tie_word_embeddings
         result = _write(folder, files, plan, family, raw, tied, source, source_quant, tmp, opts, progress)
+        if opts.verify:
+            result.verified_with = verify(tmp, output)
         _sync_dir(tmp)
         _move_into_place(tmp, output)
     except BaseException as e:
@@ -121,6 +126,52 @@ def convert(
         raise
     result.output = output
     return result
+
+
+def verify(folder: Path, output: Path) -> str:
+    """Load the model just written to `folder` as `vlm describe` would (the loader, with the
+    backend its format runs on: int8 / int4 for a bitsandbytes checkpoint, fp32 on the CPU
+    for the others) and run it once (a prefill of two token ids, then one decode step). A
+    failure is a one-line VlmError naming the step; `output` is what the message calls the
+    result. Returns the backend's name."""
+    import gc
+
+    import backends
+    from backends.base import release_freed_memory
+    from vlmcli.loader import load_model
+
+    quant = read_quantization(checkpoint.read_config(folder))
+    backend = backends.get_backend("auto" if quant is not None else "cpu", quant)
+    kept = "was left as it was" if output.exists() else "was not written"
+    step = [f"loading it with -b {backend.name}"]
+    try:
+        _load_and_run(folder, backend, load_model, step)
+    except VlmError as e:
+        raise VlmError(f"the converted model failed its check, {step[0]}: {e}; {output} {kept}") from None
+    except Exception as e:  # whatever broke, the output is not moved into place
+        raise VlmError(f"the converted model failed its check, {step[0]}: {type(e).__name__}: {e}; {output} {kept}") from e
+    finally:  # the model is gone with _load_and_run's frame; its memory goes back now
+        gc.collect()
+        release_freed_memory()
+    return backend.name
+
+
+def _load_and_run(folder: Path, backend, load_model, step: list[str]) -> None:
+    loaded = load_model(folder, backend)
+    step[0] = f"running it with -b {backend.name}"
+    model, cfg = loaded.model, loaded.config
+    ids = [i for i in range(min(cfg.text.vocab_size, 3)) if i != cfg.image_token_id][:2] or [0]
+    with torch.inference_mode():
+        cache = model.new_cache(len(ids) + 1)
+        logits = model.prefill(torch.tensor([ids], device=backend.device), None, cache)
+        _check_finite(logits, "the first forward pass")
+        token = logits.argmax(-1, keepdim=True)
+        _check_finite(model.step(token, len(ids), cache), "a decode step")
+
+
+def _check_finite(logits: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(logits).all():
+        raise VlmError(f"{what} gives logits that are not finite (NaN or inf)")
 
 
 def _refuse_same(source: Path, output: Path) -> None:

@@ -39,7 +39,13 @@ class CheckpointError(VlmError):
 
 
 class ImageError(VlmError):
-    """An input image cannot be read."""
+    """An input image cannot be read. `kind` says why, in a word a script can test (it is
+    `error_type` in `vlm describe --json`'s error records): missing, too_large, undecodable,
+    fetch_failed or unreadable."""
+
+    def __init__(self, message: str, hint: str | None = None, kind: str = "unreadable"):
+        super().__init__(message, hint)
+        self.kind = kind
 
 
 class UnsupportedModelError(VlmError):

@@ -83,6 +83,30 @@ def expand(args: Iterable[str], *, stdin: BinaryIO | None = None, allow_stdin: b
     return out
 
 
+@dataclass(frozen=True)
+class BadInput:
+    """An argument that gave no image, and why: what `expand_each` keeps in place of it."""
+
+    name: str
+    error: ImageError
+
+
+def expand_each(args: Iterable[str], *, stdin: BinaryIO | None = None) -> list[ImageInput | BadInput]:
+    """As `expand`, but an argument that names no image (a missing file, an empty folder, a
+    glob matching nothing, nothing on stdin) becomes a BadInput in its place and the others
+    go on. A UsageError (stdin twice, or stdin a terminal) still ends it."""
+    args = list(args)
+    if args.count(STDIN) > 1:
+        raise UsageError("'-' (an image on stdin) can be given only once")
+    out: list[ImageInput | BadInput] = []
+    for arg in args:
+        try:
+            out.extend(expand([arg], stdin=stdin))
+        except ImageError as e:
+            out.append(BadInput(arg, e))
+    return out
+
+
 def _expand_path(arg: str) -> list[ImageInput]:
     path = Path(arg).expanduser()
     if path.is_file():
@@ -90,15 +114,15 @@ def _expand_path(arg: str) -> list[ImageInput]:
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
-            raise ImageError(f"folder '{arg}' has no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise ImageError(f"folder '{arg}' has no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})", kind="missing")
         return [ImageInput(str(p), p) for p in images]
     if glob.has_magic(arg):
         matches = sorted(glob.glob(os.path.expanduser(arg), recursive=True))
         if not matches:
-            raise ImageError(f"no files match '{arg}'")
+            raise ImageError(f"no files match '{arg}'", kind="missing")
         # as if the shell had expanded it: each match is a file or a folder argument
         return [image for match in matches for image in _expand_path(match)]
-    raise ImageError(f"cannot read image '{arg}': no such file")
+    raise ImageError(f"cannot read image '{arg}': no such file", kind="missing")
 
 
 def read_stdin(stdin: BinaryIO | None = None, *, max_bytes: int = MAX_DOWNLOAD_BYTES) -> bytes:
@@ -107,9 +131,9 @@ def read_stdin(stdin: BinaryIO | None = None, *, max_bytes: int = MAX_DOWNLOAD_B
         raise UsageError("'-' reads an image from stdin, but stdin is a terminal (pipe a file in: vlm describe - < photo.jpg)")
     data = stream.read(max_bytes + 1)
     if not data:
-        raise ImageError("no image on stdin: it is empty")
+        raise ImageError("no image on stdin: it is empty", kind="missing")
     if len(data) > max_bytes:
-        raise ImageError(f"the image on stdin is larger than {_mib(max_bytes)}")
+        raise ImageError(f"the image on stdin is larger than {_mib(max_bytes)}", kind="too_large")
     return data
 
 
@@ -122,7 +146,7 @@ def fetch_url(url: str, *, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float =
         with urllib.request.urlopen(request, timeout=timeout) as response:
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_bytes:
-                raise ImageError(f"cannot fetch '{url}': it is {_mib(int(length))}, more than the limit of {_mib(max_bytes)}")
+                raise ImageError(f"cannot fetch '{url}': it is {_mib(int(length))}, more than the limit of {_mib(max_bytes)}", kind="too_large")
             chunks: list[bytes] = []
             size = 0
             while True:
@@ -134,19 +158,19 @@ def fetch_url(url: str, *, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float =
                 chunks.append(chunk)
                 size += len(chunk)
                 if size > max_bytes:
-                    raise ImageError(f"cannot fetch '{url}': it is more than the limit of {_mib(max_bytes)}")
+                    raise ImageError(f"cannot fetch '{url}': it is more than the limit of {_mib(max_bytes)}", kind="too_large")
     except urllib.error.HTTPError as e:
-        raise ImageError(f"cannot fetch '{url}': HTTP {e.code} {e.reason}") from None
+        raise ImageError(f"cannot fetch '{url}': HTTP {e.code} {e.reason}", kind="fetch_failed") from None
     except urllib.error.URLError as e:
         if isinstance(e.reason, TimeoutError):
-            raise ImageError(f"cannot fetch '{url}': no answer within {timeout:g} s") from None
-        raise ImageError(f"cannot fetch '{url}': {e.reason}") from None
+            raise ImageError(f"cannot fetch '{url}': no answer within {timeout:g} s", kind="fetch_failed") from None
+        raise ImageError(f"cannot fetch '{url}': {e.reason}", kind="fetch_failed") from None
     except TimeoutError:
-        raise ImageError(f"cannot fetch '{url}': no answer within {timeout:g} s") from None
+        raise ImageError(f"cannot fetch '{url}': no answer within {timeout:g} s", kind="fetch_failed") from None
     except (OSError, ValueError) as e:  # connection reset, malformed URL or response
-        raise ImageError(f"cannot fetch '{url}': {e}") from None
+        raise ImageError(f"cannot fetch '{url}': {e}", kind="fetch_failed") from None
     if not chunks:
-        raise ImageError(f"cannot fetch '{url}': the server sent no data")
+        raise ImageError(f"cannot fetch '{url}': the server sent no data", kind="fetch_failed")
     return b"".join(chunks)
 
 

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import threading
 import warnings
 from contextlib import contextmanager
@@ -42,6 +43,13 @@ except ImportError:  # pragma: no cover - depends on how Pillow was built
 
 from vlmcli import anyres
 from vlmcli.errors import CheckpointError, ImageError
+
+# How a user raises the decompression-bomb limit (Pillow's Image.MAX_IMAGE_PIXELS), named in
+# the error that refuses a larger image (vlmcli/cli/options.py declares them).
+MAX_PIXELS_OPTION = "--max-image-pixels"
+MAX_PIXELS_ENV = "VLM_MAX_IMAGE_PIXELS"
+# Images with a side shorter than this get a note (tiny_image_note): scaled up they hold next to nothing.
+TINY_IMAGE_SIDE = 16
 
 # The seed's statistics, used when a checkpoint's preprocessor config gives none.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -263,34 +271,73 @@ def load_image_with_notes(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
 
     notes: list[str] = []
-    with _pixel_limit(max_pixels) as limit:
-        try:
-            with Image.open(fp) as img:
-                img.load()  # decode now, so that truncation is caught here
-                n_frames = getattr(img, "n_frames", 1)
-                if n_frames > 1:
-                    notes.append(f"{img.format} image has {n_frames} frames; used the first")
-                rgb = _to_rgb(ImageOps.exif_transpose(img), notes)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ImageError(
-                f"image '{name}' is larger than the limit of {limit} pixels (possible decompression bomb)",
-                hint="raise max_pixels if you trust the file",
-            ) from None
-        except FileNotFoundError:
-            raise ImageError(f"cannot read image '{name}': no such file") from None
-        except IsADirectoryError:
-            raise ImageError(f"cannot read image '{name}': it is a directory") from None
-        except PermissionError:
-            raise ImageError(f"cannot read image '{name}': permission denied") from None
-        except UnidentifiedImageError:
-            raise ImageError(f"cannot read image '{name}': not an image, or a format Pillow cannot decode") from None
-        # Decoders report damaged data with any of these (e.g. "image file is truncated",
-        # SyntaxError "broken PNG file", struct errors from bad headers).
-        except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
-            raise ImageError(
-                f"cannot read image '{name}': {e}", hint="the file may be corrupt or truncated"
-            ) from None
+    with _pixel_limit(max_pixels) as limit, _read_errors(name, limit):
+        with Image.open(fp) as img:
+            img.load()  # decode now, so that truncation is caught here
+            n_frames = getattr(img, "n_frames", 1)
+            if n_frames > 1:
+                notes.append(f"{img.format} image has {n_frames} frames; used the first")
+            rgb = _to_rgb(ImageOps.exif_transpose(img), notes)
     return LoadedImage(rgb, notes)
+
+
+def probe_image(source: ImageSource, *, max_pixels: int | None = None, name: str | None = None) -> tuple[int, int]:
+    """(width, height) from the file's header alone, without decoding it: the cheap check of
+    a file that is missing, not an image, or over the pixel limit (the same ImageErrors as
+    `load_image_with_notes`; a damaged body is found only when the image is decoded)."""
+    fp: Any = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    name = name or ("<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else os.fspath(source))
+    with _pixel_limit(max_pixels) as limit, _read_errors(name, limit):
+        with Image.open(fp) as img:
+            return img.size
+
+
+def tiny_image_note(size: tuple[int, int]) -> str | None:
+    """A note for an image too small to show a model anything (it is still described)."""
+    width, height = size
+    if min(width, height) >= TINY_IMAGE_SIDE:
+        return None
+    return f"the image is only {width}x{height} pixels; scaled up to the model's input size, it holds little to see"
+
+
+@contextmanager
+def _read_errors(name: str, limit: int | None) -> Iterator[None]:
+    """Pillow's exceptions while opening or decoding `name` -> one ImageError each."""
+    try:
+        yield
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"image '{name}' is larger than the limit of {limit} pixels (possible decompression bomb)",
+            hint=f"if you trust the file, raise the limit with {MAX_PIXELS_OPTION} N or {MAX_PIXELS_ENV}=N",
+            kind="too_large",
+        ) from None
+    except FileNotFoundError:
+        raise ImageError(f"cannot read image '{name}': no such file", kind="missing") from None
+    except IsADirectoryError:
+        raise ImageError(f"cannot read image '{name}': it is a directory") from None
+    except PermissionError:
+        raise ImageError(f"cannot read image '{name}': permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"cannot read image '{name}': not an image, or a format Pillow cannot decode", kind="undecodable"
+        ) from None
+    # Decoders report damaged data with any of these (e.g. "image file is truncated",
+    # SyntaxError "broken PNG file", struct errors from bad headers).
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
+        raise _damaged(name, e) from None
+
+
+def _damaged(name: str, e: BaseException) -> ImageError:
+    """Pillow's word for a damaged file, said once: "the file is truncated", not "image file is
+    truncated (the file may be corrupt or truncated)"."""
+    text = str(e)
+    if "truncat" in text.lower():
+        detail = re.search(r"\((\d+ bytes not processed)\)", text)
+        return ImageError(
+            f"cannot read image '{name}': the file is truncated" + (f" ({detail.group(1)})" if detail else ""),
+            kind="undecodable",
+        )
+    return ImageError(f"cannot read image '{name}': {text}", hint="the file may be corrupt or truncated", kind="undecodable")
 
 
 # Pillow's limit is a module global read deep inside its decoders, so a different limit can
@@ -451,8 +498,6 @@ def anyres_views(
 
     base_only (OneVision, several images in one prompt): only the image padded to a square
     with the mean colour."""
-    from vlmcli import anyres
-
     if image.mode != "RGB" or "transparency" in image.info:
         image = _to_rgb(image, [])
     if base_only:

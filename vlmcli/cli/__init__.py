@@ -14,10 +14,11 @@ from typing import Iterator
 import typer
 
 from vlmcli import __version__
-from vlmcli.cli import bench, chat, convert, describe, info
+from vlmcli.cli import bench, chat, common, convert, describe, help, info
 from vlmcli.cli.console import err_console, state
 from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, VlmError
 
+help.install()
 app = typer.Typer(
     name="vlm",
     help="Run LLaVA-style vision-language models on your own machine.",
@@ -59,6 +60,13 @@ def _torch_oom() -> type[BaseException]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        common.restore_max_image_pixels()  # a command's --max-image-pixels ends with it
+
+
+def _main(argv: list[str] | None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="vlm", standalone_mode=False)
@@ -69,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as e:
         return e.exit_code
     except typer.TyperException as e:  # bad options, missing arguments (Typer's own Click)
-        e.show(file=sys.stderr)
+        args = sys.argv[1:] if argv is None else argv
+        named = next((a for a in args if not a.startswith("-")), None)
+        help.show_usage_error(e, sys.stderr, "vlm" + (f" {named}" if named in command.commands else ""))
         return e.exit_code
     except (KeyboardInterrupt, typer.Abort):
         err_console().print("interrupted")
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             err_console().print_exception()
         err_console().print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
         return e.exit_code
-    except (MemoryError, _torch_oom()) as e:
+    except (MemoryError, _torch_oom()):
         if state.debug:
             err_console().print_exception()
         hint = "try -b int4 or a smaller model" if state.phase == "loading the model" else "try fewer --max-tokens, fewer images or -b int4"

@@ -38,16 +38,16 @@ def bench(
     backend: Annotated[
         list[str],
         typer.Option(
-            "--backend", "-b", envvar="VLM_BACKEND", show_envvar=True, help=options.BACKEND_HELP + " Repeat to compare."
+            "--backend", "-b", envvar="VLM_BACKEND", show_envvar=True, metavar="NAME", help=options.BACKEND_HELP + " Repeat to compare."
         ),
     ] = ["auto"],  # noqa: B006 (Typer reads the default; it is never mutated)
     image: Annotated[
         Optional[Path],
-        typer.Option("--image", help="The image to describe (default: a synthetic 640x480 picture).", show_default=False),
+        typer.Option("--image", metavar="PATH", help="The image to describe (default: a synthetic 640x480 picture).", show_default=False),
     ] = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about the image.")] = DEFAULT_PROMPT,
-    tokens: Annotated[int, typer.Option("--tokens", min=1, help="Tokens to generate per run (fewer if the model stops).")] = 64,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per backend, after one warm-up; medians are shown.")] = 3,
+    tokens: Annotated[int, typer.Option("--tokens", min=1, metavar="N", help="Tokens to generate per run (fewer if the model stops).")] = 64,
+    runs: Annotated[int, typer.Option("--runs", min=1, metavar="N", help="Timed runs per backend, after one warm-up; medians are shown.")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     quiet: options.Quiet = False,
     child: Annotated[bool, typer.Option("--child", hidden=True, help="Run one backend here and print its JSON row.")] = False,

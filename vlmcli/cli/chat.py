@@ -18,7 +18,7 @@ import typer
 
 from vlmcli import inputs
 from vlmcli.cli import options
-from vlmcli.cli.common import load_pipeline, sampling_options
+from vlmcli.cli.common import load_pipeline, sampling_options, set_max_image_pixels
 from vlmcli.cli.console import err_console, notice, state, write_result
 from vlmcli.errors import UsageError, VlmError
 
@@ -65,10 +65,12 @@ def chat(
     repetition_penalty: options.RepetitionPenalty = 1.0,
     seed: options.Seed = None,
     max_tiles: options.MaxTiles = None,
+    max_image_pixels: options.MaxImagePixels = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Talk with a model, with pictures; /help lists the commands."""
     state.quiet = quiet
+    set_max_image_pixels(max_image_pixels)
     opts = sampling_options(
         max_new_tokens=max_tokens,
         temperature=temperature,
@@ -240,7 +242,7 @@ def _run_command(session: ChatSession, line: str) -> str | None:
         _say(HELP.format(names=", ".join(SETTINGS)))
     elif name == "/clear":
         session.clear()
-        _say("conversation cleared")
+        _confirm("conversation cleared")
     elif name == "/image":
         if not arg:
             raise UsageError("/image needs a file or an http(s) URL")
@@ -253,7 +255,7 @@ def _run_command(session: ChatSession, line: str) -> str | None:
         if len(names) != 1:
             raise UsageError('/save takes one file name (quote one with spaces: /save "my chat.json")')
         path = session.save(names[0])
-        _say(f"saved {len(session.messages)} messages to {path}")
+        _confirm(f"saved {len(session.messages)} messages to {path}")
     elif name == "/set":
         _set(session, arg)
     else:
@@ -279,15 +281,22 @@ def _set(session: ChatSession, arg: str) -> None:
     except ValueError:
         raise UsageError(f"'{value}' is not a valid value for {name}") from None
     current = {f: getattr(session.opts, f) for f in session.opts.__dataclass_fields__}
-    session.opts = sampling_options(**{**current, field: parsed})
-    _say(f"{name} = {parsed}")
+    try:
+        session.opts = sampling_options(**{**current, field: parsed})
+    except UsageError as e:  # "max_new_tokens must be ..." in the words the user typed: max_tokens
+        raise UsageError(e.message.replace(field, name)) from None
+    _confirm(f"{name} = {parsed}")
 
 
 def _add_image(session: ChatSession, item: inputs.ImageInput) -> None:
-    for note in session.add_image(item):
+    from vlmcli.preprocess import probe_image, tiny_image_note
+
+    item = item.fetched()
+    tiny = tiny_image_note(probe_image(item.source, name=item.name))
+    for note in ([tiny] if tiny else []) + session.add_image(item):
         notice(f"{item.name}: {note}")
     n = len(session.pending_images)
-    _say(f"added {item.name} ({n} picture{'s' if n > 1 else ''} for your next message)")
+    _confirm(f"added {item.name} ({n} picture{'s' if n > 1 else ''} for your next message)")
 
 
 def _split(arg: str) -> list[str]:
@@ -311,6 +320,13 @@ def _report(reply: Reply, session: ChatSession) -> None:
         )
     elif reply.finish_reason == "length":
         notice(f"(reply cut at {session.opts.max_new_tokens} tokens; /set max_tokens N for longer ones)")
+
+
+def _confirm(message: str) -> None:
+    """That a command did what it was asked: a notice, so -q silences it (what /help and a
+    bare /set were asked to show is said with _say)."""
+    if not state.quiet:
+        _say(message)
 
 
 def _say(message: str) -> None:

@@ -34,3 +34,37 @@ def load_pipeline(model: str, backend: str, max_tiles: int | None = None) -> Pip
         pipe.set_max_tiles(max_tiles)
     state.phase = "generating"
     return pipe
+
+
+_saved_pixel_limits: list = []
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+    """--max-image-pixels: Pillow's decompression-bomb limit, which every image load in this
+    process reads (vlmcli.preprocess keeps it when given no max_pixels), until main() puts
+    the previous one back (`restore_max_image_pixels`)."""
+    if limit is None:
+        return
+    from PIL import Image
+
+    _saved_pixel_limits.append(Image.MAX_IMAGE_PIXELS)
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+def restore_max_image_pixels() -> None:
+    if _saved_pixel_limits:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = _saved_pixel_limits[0]
+        _saved_pixel_limits.clear()
+
+
+def model_from(ctx, positional: str | None, option: str | None, positional_name: str) -> str | None:
+    """The model a command was given, as a positional argument (`vlm info MODEL`) or with -m
+    (`vlm info -m MODEL`); both on the command line is a usage error. VLM_MODEL (which fills
+    -m) yields to the positional one."""
+    if positional is None:
+        return option
+    if option is not None and ctx.get_parameter_source("model").name == "COMMANDLINE":
+        raise UsageError(f"the model is given twice, as {positional_name} ('{positional}') and with -m ('{option}'); give one")
+    return positional

@@ -1,43 +1,72 @@
-"""`vlm convert SOURCE OUTPUT --to FORMAT`: write a quantized (or 16-bit) copy of a model."""
+"""`vlm convert SOURCE OUTPUT --to FORMAT` (or `-m SOURCE OUTPUT`): write a quantized (or
+16-bit) copy of a model, loaded and run once before it is moved into place."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from vlmcli.cli import options
-from vlmcli.cli.console import progress_bar, state
+from vlmcli.cli.common import model_from
+from vlmcli.cli.console import notice, progress_bar, state
+from vlmcli.errors import UsageError
 
 DEFAULT_MAX_SHARD = "5GB"  # vlmcli.convert.DEFAULT_MAX_SHARD; not imported here, it brings torch
 
 
 def convert(
-    source: Annotated[str, typer.Argument(help="A model folder, a hub repo id (id@revision), or 'demo'.", show_default=False)],
-    output: Annotated[Path, typer.Argument(help="The folder to write; it must not exist (see --force).", show_default=False)],
+    ctx: typer.Context,
+    paths: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[SOURCE] OUTPUT",
+            help="SOURCE: the model to convert (or -m). OUTPUT: the folder to write; it must not exist (see --force).",
+            show_default=False,
+        ),
+    ],
     to: Annotated[
         str,
         typer.Option(
             "--to",
-            metavar="int8|nf4|fp4|fp16|bf16",
+            metavar="FORMAT",
             help="int8 (LLM.int8), nf4 or fp4 (4-bit): bitsandbytes as transformers saves it; fp16 or bf16: plain 16-bit.",
             show_default=False,
         ),
     ],
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            "--model",
+            "-m",
+            envvar="VLM_MODEL",
+            show_envvar=True,
+            metavar="MODEL",
+            help="The model to convert, instead of SOURCE: a local model folder, a hub repo id (id@revision), or 'demo'.",
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is an existing model folder.")] = False,
     double_quant: Annotated[
         bool, typer.Option("--double-quant", help="nf4/fp4: quantize the per-block scales too (~0.4 bit less per weight).")
     ] = False,
     threshold: Annotated[
-        float, typer.Option("--threshold", min=0.0, help="int8: LLM.int8 outlier threshold recorded in the config.")
+        float, typer.Option("--threshold", min=0.0, metavar="T", help="int8: LLM.int8 outlier threshold recorded in the config.")
     ] = 6.0,
     quantize_all: Annotated[
         bool, typer.Option("--quantize-all", help="Also quantize the vision tower, projector and lm_head.")
     ] = False,
     max_shard_size: Annotated[
-        str, typer.Option("--max-shard-size", help="Split the weights into files of at most this size.")
+        str, typer.Option("--max-shard-size", metavar="SIZE", help="Split the weights into files of at most this size.")
     ] = DEFAULT_MAX_SHARD,
+    no_verify: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify",
+            help="Do not load the result and run it once before moving it into place (a check that needs "
+            "the memory describe would).",
+        ),
+    ] = False,
     quiet: options.Quiet = False,
 ) -> None:
     """Convert a model to int8, nf4, fp4 (bitsandbytes) or fp16 / bf16."""
@@ -46,6 +75,12 @@ def convert(
     from vlmcli.info import human_bytes
 
     state.quiet = quiet
+    if len(paths) > 2:
+        raise UsageError(f"convert takes SOURCE and OUTPUT, or -m MODEL and OUTPUT; got {len(paths)} paths")
+    source = model_from(ctx, paths[0] if len(paths) == 2 else None, model, "SOURCE")
+    if source is None:
+        raise UsageError("no model to convert: give SOURCE OUTPUT, or -m MODEL OUTPUT")
+    output = Path(paths[-1])
     opts = library.ConvertOptions(
         to=to.lower(),
         double_quant=double_quant,
@@ -53,9 +88,12 @@ def convert(
         quantize_all=quantize_all,
         max_shard_bytes=parse_size(max_shard_size),
         force=force,
+        verify=not no_verify,
     )
     with progress_bar("converting") as update:
         result = library.convert(source, output, opts, progress=update, download_progress=not quiet)
+    if result.verified_with:
+        notice(f"verified: {output} loads with -b {result.verified_with} and runs")
     weights = [f for f in result.files if f.endswith(".safetensors")]
     print(
         f"wrote {result.output} ({opts.to}): {result.quantized_layers} layers quantized, "

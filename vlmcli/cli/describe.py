@@ -9,10 +9,13 @@ from typing import Annotated
 
 import typer
 
+from rich.markup import escape
+
 from vlmcli import inputs
 from vlmcli.cli import options
-from vlmcli.cli.common import load_pipeline, sampling_options
-from vlmcli.cli.console import notice, progress_bar, state, write_result
+from vlmcli.cli.common import load_pipeline, sampling_options, set_max_image_pixels
+from vlmcli.cli.console import err_console, notice, progress_bar, state, write_result
+from vlmcli.errors import ImageError, VlmError
 
 DEFAULT_PROMPT = "Describe this image."
 
@@ -44,6 +47,7 @@ def describe(
     repetition_penalty: options.RepetitionPenalty = 1.0,
     seed: options.Seed = None,
     max_tiles: options.MaxTiles = None,
+    max_image_pixels: options.MaxImagePixels = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout (JSON Lines).")] = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -57,8 +61,28 @@ def describe(
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    # Every path checked and every URL fetched before the model loads, not after
-    images = [item.fetched() for item in inputs.expand(image)]
+    from vlmcli.preprocess import probe_image, tiny_image_note  # torch: imported when the command runs
+
+    set_max_image_pixels(max_image_pixels)
+    # Every path checked, every URL fetched and every header read (missing, not an image, too
+    # many pixels) before the model loads; an image that fails is reported and the rest go on.
+    # A damaged body is found when that image is decoded, at its turn.
+    images, failed = [], 0
+    entries = inputs.expand_each(image)
+    for entry in entries:
+        try:
+            if isinstance(entry, inputs.BadInput):
+                raise entry.error
+            item = entry.fetched()
+            images.append((item, tiny_image_note(probe_image(item.source, name=item.name))))
+        except ImageError as e:
+            if len(entries) == 1:
+                raise
+            failed += 1
+            _report_failure(entry.name, e, json_lines)
+    total = len(images) + failed
+    if not images:
+        raise VlmError(f"{failed} of {total} images failed")
     pipe = load_pipeline(model, backend, max_tiles)
     if prompt is None:
         prompt = pipe.family.default_prompt or DEFAULT_PROMPT
@@ -66,16 +90,37 @@ def describe(
     # Text streamed to a terminal is its own progress; a bar is drawn (on stderr) when the
     # results go to a file or a pipe.
     bar_total = len(images) if len(images) > 1 and not sys.stdout.isatty() else None
+    blocks = 0  # headed blocks written to stdout
     with progress_bar("describing", total=bar_total) if bar_total else nullcontext() as update:
-        for i, item in enumerate(images):
-            stream = None
-            if not json_lines:
-                if len(images) > 1:
-                    print(("\n" if i else "") + f"==> {item.name} <==", flush=True)
-                stream = write_result
-            answer = pipe.describe([item], prompt, opts, on_text=stream)
-            for note in answer.notes:
+        for i, (item, tiny) in enumerate(images):
+            # the header goes out with the first text (or the empty answer), so an image that
+            # turns out to be undecodable leaves none behind
+            header = [f"==> {item.name} <=="] if total > 1 and not json_lines else []
+
+            def stream(piece: str, header: list[str] = header) -> None:
+                nonlocal blocks
+                if header:
+                    print(("\n" if blocks else "") + header.pop(), flush=True)
+                    blocks += 1
+                write_result(piece)
+
+            try:
+                answer = pipe.describe([item], prompt, opts, on_text=None if json_lines else stream)
+            except ImageError as e:
+                if total == 1:
+                    raise
+                failed += 1
+                _report_failure(item.name, e, json_lines)
+                continue
+            finally:
+                if update:
+                    update(i + 1, len(images))
+            if header:
+                stream("")
+            for note in ([tiny] if tiny else []) + answer.notes:
                 notice(f"{item.name}: {note}")
+            if not answer.text.strip():
+                notice(("" if total == 1 else f"{item.name}: ") + "(the model gave no text)")
             if json_lines:
                 record = {
                     "image": item.name,
@@ -92,5 +137,14 @@ def describe(
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
                 print(flush=True)
-            if update:
-                update(i + 1, len(images))
+    if failed:
+        raise VlmError(f"{failed} of {total} images failed")
+
+
+def _report_failure(name: str, error: ImageError, json_lines: bool) -> None:
+    """One image that could not be described: a JSON record on stdout with --json (its place
+    in the results), else an error line on stderr."""
+    if json_lines:
+        print(json.dumps({"image": name, "error": str(error), "error_type": error.kind}, ensure_ascii=False), flush=True)
+    else:
+        err_console().print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)

@@ -1,20 +1,26 @@
-"""`vlm info MODEL`: architecture, parameter counts, image tokens and memory per backend."""
+"""`vlm info [-m] MODEL`: architecture, parameter counts, image tokens and memory per backend."""
 
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from vlmcli.cli import options
+from vlmcli.cli.common import model_from
 from vlmcli.cli.console import state
 
 
 def info(
-    model: Annotated[str, typer.Argument(help="A local model folder, a hub repo id (id@revision), or 'demo'.", show_default=False)],
+    ctx: typer.Context,
+    model_arg: Annotated[
+        Optional[str],
+        typer.Argument(metavar="MODEL", help="The model, as -m names it (either form; not both).", show_default=False),
+    ] = None,
+    model: options.Model = options.DEFAULT_MODEL,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -22,6 +28,7 @@ def info(
     from vlmcli.info import human_bytes, human_count, model_info  # torch: imported when the command runs
 
     state.quiet = quiet
+    model = model_from(ctx, model_arg, model, "MODEL")
     data = model_info(model, download_progress=not quiet)
     if json_out:
         print(json.dumps(data, indent=2))

@@ -14,7 +14,11 @@ Model = Annotated[
         "--model",
         "-m",
         envvar="VLM_MODEL",
-        help="A local model folder, a hub repo id (id@revision), or 'demo'.",
+        metavar="MODEL",
+        # the default in the sentence, not in a "[default: ...]" cell: at 80 columns that
+        # cell is one character too narrow for the id and Rich would cut it
+        help=f"A local model folder, a hub repo id (id@revision), or 'demo'. Default: {DEFAULT_MODEL}",
+        show_default=False,
         show_envvar=True,
     ),
 ]
@@ -25,25 +29,38 @@ BACKEND_HELP = (
 )
 BackendName = Annotated[
     str,
-    typer.Option("--backend", "-b", envvar="VLM_BACKEND", help=BACKEND_HELP, show_envvar=True),
+    typer.Option("--backend", "-b", envvar="VLM_BACKEND", metavar="NAME", help=BACKEND_HELP, show_envvar=True),
 ]
-MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, help="Most tokens to generate.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, metavar="N", help="Most tokens to generate.")]
 Temperature = Annotated[
-    float, typer.Option("--temperature", "-t", min=0.0, help="Sampling temperature; 0 is greedy and deterministic.")
+    float, typer.Option("--temperature", "-t", min=0.0, metavar="T", help="Sampling temperature; 0 is greedy and deterministic.")
 ]
-TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep tokens up to this probability mass.")]
-TopK = Annotated[int, typer.Option("--top-k", min=0, help="Keep only the K most likely tokens (0: off).")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, metavar="P", help="Nucleus sampling: keep tokens up to this probability mass.")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, metavar="K", help="Keep only the K most likely tokens (0: off).")]
 RepetitionPenalty = Annotated[
-    float, typer.Option("--repetition-penalty", min=0.01, help="Penalise tokens already present (1: off).")
+    float, typer.Option("--repetition-penalty", min=0.01, metavar="R", help="Penalise tokens already present (1: off).")
 ]
-Seed = Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")]
+Seed = Annotated[Optional[int], typer.Option("--seed", metavar="S", help="Random seed for sampling.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or notices on stderr.")]
 MaxTiles = Annotated[
     Optional[int],
     typer.Option(
         "--max-tiles",
         min=1,
+        metavar="N",
         help="Most tiles an image is cut into, for models that tile by count (InternVL: 1-12 "
         "plus a thumbnail by default). Fewer tiles: fewer image tokens, faster answers.",
+    ),
+]
+MaxImagePixels = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-image-pixels",
+        min=1,
+        metavar="N",
+        envvar="VLM_MAX_IMAGE_PIXELS",
+        show_envvar=True,
+        help="Refuse images of more pixels than this, a guard against decompression bombs "
+        "(default: Pillow's, 89478485).",
     ),
 ]
