@@ -65,6 +65,8 @@ def chat(
     repetition_penalty: options.RepetitionPenalty = 1.0,
     seed: options.Seed = None,
     max_tiles: options.MaxTiles = None,
+    max_pixels: options.MaxPixels = None,
+    min_pixels: options.MinPixels = None,
     max_image_pixels: options.MaxImagePixels = None,
     quiet: options.Quiet = False,
 ) -> None:
@@ -82,7 +84,7 @@ def chat(
     images = [item.fetched() for item in inputs.expand(image or [], allow_stdin=False)]
     from vlmcli.chat import ChatSession
 
-    session = ChatSession(load_pipeline(model, backend, max_tiles), opts)
+    session = ChatSession(load_pipeline(model, backend, max_tiles, min_pixels, max_pixels), opts)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
         notice(f"chatting with {model}; /help for commands, Ctrl-D to quit")

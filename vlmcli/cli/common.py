@@ -22,9 +22,13 @@ def sampling_options(**kwargs) -> SamplingOptions:
         raise UsageError(str(e)) from None
 
 
-def load_pipeline(model: str, backend: str, max_tiles: int | None = None) -> Pipeline:
+def load_pipeline(
+    model: str, backend: str, max_tiles: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Pipeline:
     """The model, with huggingface_hub's download bars and our loading bar on a terminal
-    (nothing under -q or when stderr is not a terminal)."""
+    (nothing under -q or when stderr is not a terminal), and the image settings given on
+    the command line (--max-tiles, --min-pixels / --max-pixels: refused where the family
+    does not cut or resize images that way)."""
     from vlmcli.pipeline import Pipeline
 
     state.phase = "loading the model"
@@ -32,6 +36,8 @@ def load_pipeline(model: str, backend: str, max_tiles: int | None = None) -> Pip
         pipe = Pipeline.load(model, backend, progress=update, notice=notice, download_progress=show_progress())
     if max_tiles is not None:
         pipe.set_max_tiles(max_tiles)
+    if min_pixels is not None or max_pixels is not None:
+        pipe.set_pixels(min_pixels, max_pixels)
     state.phase = "generating"
     return pipe
 

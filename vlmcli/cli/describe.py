@@ -47,6 +47,8 @@ def describe(
     repetition_penalty: options.RepetitionPenalty = 1.0,
     seed: options.Seed = None,
     max_tiles: options.MaxTiles = None,
+    max_pixels: options.MaxPixels = None,
+    min_pixels: options.MinPixels = None,
     max_image_pixels: options.MaxImagePixels = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout (JSON Lines).")] = False,
     quiet: options.Quiet = False,
@@ -83,7 +85,7 @@ def describe(
     total = len(images) + failed
     if not images:
         raise VlmError(f"{failed} of {total} images failed")
-    pipe = load_pipeline(model, backend, max_tiles)
+    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels)
     if prompt is None:
         prompt = pipe.family.default_prompt or DEFAULT_PROMPT
 

@@ -52,6 +52,25 @@ MaxTiles = Annotated[
         "plus a thumbnail by default). Fewer tiles: fewer image tokens, faster answers.",
     ),
 ]
+MaxPixels = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-pixels",
+        min=1,
+        metavar="N",
+        help="Most pixels an image is resized to, for models that take images at a pixel "
+        "budget (Qwen2-VL, Qwen2.5-VL: 28x28 px a token). Fewer pixels: fewer image tokens.",
+    ),
+]
+MinPixels = Annotated[
+    Optional[int],
+    typer.Option(
+        "--min-pixels",
+        min=1,
+        metavar="N",
+        help="Fewest pixels an image is resized to (Qwen2-VL, Qwen2.5-VL); small images are scaled up to it.",
+    ),
+]
 MaxImagePixels = Annotated[
     Optional[int],
     typer.Option(

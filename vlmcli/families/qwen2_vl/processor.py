@@ -163,7 +163,9 @@ class Qwen2VLProcessor:
         lo = self.min_pixels if min_pixels is None else min_pixels
         hi = self.max_pixels if max_pixels is None else max_pixels
         if lo > hi:
-            raise UsageError(f"--min-pixels {lo} is more than --max-pixels {hi}")
+            low = f"--min-pixels {lo}" if min_pixels is not None else f"the model's min_pixels {lo}"
+            high = f"--max-pixels {hi}" if max_pixels is not None else f"the model's max_pixels {hi}"
+            raise UsageError(f"{low} is more than {high}")
         self.min_pixels, self.max_pixels = lo, hi
 
     # ---- images
