@@ -30,6 +30,7 @@ from torch import nn
 
 from vlmcli.config import TextConfig
 from vlmcli.model.activations import activation
+from vlmcli.model.embedding import Embedding
 from vlmcli.model.kv_cache import KVCache
 from vlmcli.model.rope import RotaryEmbedding
 
@@ -53,7 +54,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class ScaledEmbedding(nn.Embedding):
+class ScaledEmbedding(Embedding):
     """Token embeddings times a constant (Gemma: sqrt(d_model)).
 
     The scale belongs to the lookup, not to the decoder's input: visual tokens scattered
@@ -252,7 +253,7 @@ class Decoder(nn.Module):
         if cfg.embedding_multiplier != 1.0:
             self.embed_tokens = ScaledEmbedding(cfg.vocab_size, cfg.d_model, cfg.embedding_multiplier)
         else:
-            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            self.embed_tokens = Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -305,22 +306,28 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """embeds (B, T, d) -> logits (B, 1 or T, vocab).
 
-        slots: the cache slots of the T tokens, an int start (slots start..start+T-1) or a
-        LongTensor (T,) (the capturable decode step; see Attention.forward). positions: the
+        slots: the cache slots of the T tokens, an int start (slots start..start+T-1), a
+        LongTensor (T,) (the capturable decode step; see Attention.forward), or (B, T), each
+        row its own (sequences of a batch at different lengths). positions: the
         RoPE positions, a LongTensor (T,), or (3, T) for multimodal RoPE (mrope_section);
         by default the slots. prefix: the first `prefix`
         slots attend to each other both ways (prefix-LM); 0 is plain causal. Without a
         cache the sequence is attended to on its own (training and scoring)."""
         T = embeds.shape[1]
         device = embeds.device
+        # slots (B, T): each row of the batch at its own slots (the server's batched step);
+        # positions then are (B, T) too, one row per sequence, never M-RoPE's (3, T)
+        per_row = isinstance(slots, torch.Tensor) and slots.dim() == 2
         if isinstance(slots, int) and positions is None:
             cos, sin = self.rope(slots, T, embeds.dtype)
-        elif positions is not None and positions.dim() == 2:
+        elif positions is not None and positions.dim() == 2 and not per_row:
             if self.mrope_section is None:
                 raise ValueError("3-D RoPE positions need a decoder with mrope_section")
             cos, sin = self.rope.at_mrope(positions, embeds.dtype, self.mrope_section)
         else:
             cos, sin = self.rope.at(slots if positions is None else positions, embeds.dtype)
+            if per_row:
+                cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
         if isinstance(slots, int):
             # Without a cache the keys are just this chunk, whatever its slots.
             start = slots if cache is not None else 0
@@ -330,8 +337,10 @@ class Decoder(nn.Module):
         else:
             if cache is None:
                 raise ValueError("cache slots given as a tensor need a cache")
-            q = slots[:, None]
+            q = slots[..., None]  # (T, 1), or (B, T, 1) per row
             masks = {w: slot_mask(q, cache.max_len, device, w, prefix) for w in self.windows}
+            if per_row:
+                masks = {w: m[:, None] for w, m in masks.items()}  # (B, 1, T, S)
             last_only = False  # one token per step
         x = embeds
         # Generation needs only the next-token distribution: the last block (past its keys

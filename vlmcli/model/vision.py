@@ -26,6 +26,7 @@ from torch import nn
 
 from vlmcli.config import VisionConfig
 from vlmcli.model.activations import activation
+from vlmcli.model.embedding import Embedding
 
 
 class VisionEmbeddings(nn.Module):
@@ -36,7 +37,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             cfg.num_channels, cfg.d_vision, cfg.patch_size, stride=cfg.patch_size, bias=cfg.patch_bias
         )
-        self.position_embedding = nn.Embedding(cfg.num_positions(), cfg.d_vision)
+        self.position_embedding = Embedding(cfg.num_positions(), cfg.d_vision)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         patches = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (B, d, h, w)
