@@ -11,22 +11,24 @@ from vlmcli.families.llava.templates import CHATML_CHAT_TEMPLATE, LLAVA_DEFAULT_
 
 
 def test_supported_model_types():
-    assert supported_model_types() == ["internvl", "llava", "llava_next", "llava_onevision", "paligemma", "qwen2_vl"]
+    assert supported_model_types() == ["internvl", "llava", "llava_next", "llava_onevision", "paligemma", "qwen2_5_vl", "qwen2_vl"]
     assert [family_for({"model_type": t}).name for t in supported_model_types()] == [
         "InternVL",
         "LLaVA",
         "LLaVA-NeXT",
         "LLaVA-OneVision",
         "PaliGemma",
+        "Qwen2.5-VL",
         "Qwen2-VL",
     ]
 
 
 def test_unknown_model_type_lists_the_supported_ones():
     with pytest.raises(UnsupportedModelError) as e:
-        family_for({"model_type": "qwen2_5_vl"})
+        family_for({"model_type": "blip_2"})
     assert str(e.value) == (
-        "config.json has 'qwen2_5_vl'; supported model types: internvl, llava, llava_next, llava_onevision, paligemma, qwen2_vl"
+        "config.json has 'blip_2'; supported model types: internvl, llava, llava_next, llava_onevision, paligemma, "
+        "qwen2_5_vl, qwen2_vl"
     )
     with pytest.raises(UnsupportedModelError, match="no model_type; supported model types: internvl, llava"):
         family_for({})
@@ -105,6 +107,7 @@ def test_vision_config_without_model_type_takes_the_familys_tower():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from tests.test_fuzz import apply_edits  # noqa: E402  (at import: hypothesis refuses @given run inside a test)
 from vlmcli.errors import VlmError  # noqa: E402
 
 _values = st.one_of(
@@ -142,8 +145,6 @@ def test_random_family_configs_raise_only_our_errors(edits):
     import torch
 
     from vlmcli.model.multimodal import VisionLanguageModel
-
-    from tests.test_fuzz import apply_edits
 
     cfg = copy.deepcopy(_BASE)
     apply_edits(cfg, edits)

@@ -55,6 +55,12 @@ class Qwen2VisionConfig(VisionConfig):
     spatial_merge_size: int = 2
     d_out: int = 1536  # the merger's output: the decoder's width
     rope_theta: float = 10000.0
+    # Qwen2.5-VL's tower: RMSNorm and a SwiGLU MLP, and attention within windows of
+    # window_size px except in the fullatt_block_indexes blocks (0: whole images everywhere)
+    norm: str = "layer"  # layer | rms
+    gated_mlp: bool = False
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
 
     @property
     def patch_dim(self) -> int:

@@ -121,12 +121,14 @@ def rope_positions(ids: list[int], image_id: int, grids: list[tuple[int, int, in
 
 
 class Qwen2VLProcessor:
-    def __init__(self, cfg: Qwen2VLConfig, folder: Path, tokenizer: Tokenizer, notice: Notice | None = None):
+    def __init__(self, cfg: Qwen2VLConfig, folder: Path, tokenizer: Tokenizer, notice: Notice | None = None,
+                 family_name: str = FAMILY_NAME):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.notice = notice
+        self.family_name = family_name  # Qwen2-VL, or Qwen2.5-VL (the same processor)
         defaults = image_processor_defaults(cfg)
-        _, raw = image_settings(folder, defaults, FAMILY_NAME, notice)
+        _, raw = image_settings(folder, defaults, family_name, notice)
         raw = {k: v for k, v in raw.items() if v is not None}
         size = raw.get("size") if isinstance(raw.get("size"), dict) else {}
         # Qwen2VLImageProcessor.__init__: min_pixels / max_pixels override size's edges
@@ -212,7 +214,7 @@ class Qwen2VLProcessor:
         if len(counts) != n_images:
             raise VlmError(f"{len(counts)} image token counts for {n_images} images")
         if n_images and (grids is None or len(grids) != n_images):
-            raise VlmError(f"Qwen2-VL prompts need the patch grid of each of the {n_images} images")
+            raise VlmError(f"{self.family_name} prompts need the patch grid of each of the {n_images} images")
         image_id = self.cfg.image_token_id
         ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
         if ids.count(image_id) != n_images:

@@ -1,14 +1,24 @@
-"""Qwen2-VL's vision tower and patch merger, as transformers' Qwen2VisionTransformerPretrainedModel.
+"""Qwen2-VL's and Qwen2.5-VL's vision tower and patch merger, as transformers'
+Qwen2VisionTransformerPretrainedModel and Qwen2_5_VisionTransformerPretrainedModel.
 
     patches (N, 3 * 2 * 14 * 14): every image's patches in turn, each image's in 2x2 blocks
       -> Conv3d patch embedding (kernel = stride = (2, 14, 14), no bias)           (N, d)
       -> depth blocks: x + attn(norm1(x)), then x + mlp(norm2(x))
             attention: fused qkv (bias), 2-D RoPE (row and column of each patch, in fp32),
-            restricted to each image: one SDPA call per image, so memory grows with the
-            largest image's patches squared, never with (N, N) across images
-            mlp: fc1 -> quick_gelu -> fc2
-      -> merger (our `projector`): LayerNorm, each 2x2 block concatenated, Linear, GELU,
-         Linear to the decoder's width                                              (N / 4, d_text)
+            restricted to each image (Qwen2-VL; Qwen2.5-VL's fullatt_block_indexes) or to
+            each window of window_size px (Qwen2.5-VL's other blocks): one SDPA call per
+            image or window, so memory grows with the largest run's length squared (per
+            head, and less with SDPA's CPU flash kernel), never with an (N, N) mask
+            norms: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL)
+            mlp: fc1 -> quick_gelu -> fc2 (Qwen2-VL) or SwiGLU with biases (Qwen2.5-VL)
+      -> merger (our `projector`): ln_q (LayerNorm / RMSNorm), each 2x2 block concatenated,
+         Linear, GELU, Linear to the decoder's width                                (N / 4, d_text)
+
+Windows (Qwen2.5-VL): the tower reorders the 2x2 blocks once after the patch embedding so
+that each window's blocks are consecutive (window by window, row-major, as transformers'
+get_vision_window_index), runs every block in that order (an image's blocks stay together,
+so full-attention blocks see whole images), and puts them back before the merger, which
+works block by block.
 
 Parameter names are the checkpoints' (`patch_embed.proj`, `blocks.N.attn.qkv`, `merger.ln_q`,
 `merger.mlp.0`), so the qkv stays fused and names map by prefix.
@@ -22,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmcli.config import TextConfig
 from vlmcli.families.qwen2_vl.config import Qwen2VisionConfig
+from vlmcli.model.decoder import MLP, RMSNorm
 from vlmcli.model.vision import VisionMLP
 
 
@@ -42,6 +54,34 @@ def vision_positions(grids: Sequence[tuple[int, int, int]], merge: int, device=N
         wpos = wpos.reshape(shape).transpose(1, 2).flatten()
         out.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
     return torch.cat(out, dim=0)
+
+
+def window_order(grids: Sequence[tuple[int, int, int]], merge: int, window: int) -> tuple[torch.Tensor, list[int]]:
+    """The 2x2 blocks (merge units) of every frame, window by window: `window` x `window`
+    blocks a window, windows row-major over the frame (the last ones cut short at the
+    edges), row-major inside; and the patch count of each window.
+
+    Returns (order, lengths): order[i] is the index (in the processor's order) of the i-th
+    block in window order, the same permutation as transformers' get_vision_window_index."""
+    order, lengths, offset = [], [], 0
+    for t, h, w in grids:
+        bh, bw = h // merge, w // merge
+        rows = torch.arange(bh).repeat_interleave(bw)
+        cols = torch.arange(bw).repeat(bh)
+        across = -(-bw // window)
+        window_of = (rows // window) * across + cols // window  # every block's window
+        frame = torch.argsort(window_of, stable=True)  # stable: row-major inside a window
+        counts = (torch.bincount(window_of) * merge * merge).tolist()  # no window is empty
+        for f in range(t):
+            order.append(frame + offset + f * bh * bw)
+            lengths += counts
+        offset += t * bh * bw
+    return torch.cat(order), lengths
+
+
+def permute_blocks(x: torch.Tensor, order: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rows of x taken `unit` at a time (one 2x2 block) in `order`."""
+    return x.view(-1, unit, *x.shape[1:])[order].view(x.shape)
 
 
 class VisionRotary(nn.Module):
@@ -85,13 +125,27 @@ class VisionAttention(nn.Module):
         return self.proj(y[0].transpose(0, 1).reshape(N, d))
 
 
+def vision_norm(cfg: Qwen2VisionConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.d_vision, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_vision, eps=cfg.norm_eps)
+
+
+def vision_mlp(cfg: Qwen2VisionConfig) -> nn.Module:
+    """fc1 -> act -> fc2, or the decoder's SwiGLU block (gate_proj, up_proj, down_proj),
+    with biases, at the tower's width."""
+    if not cfg.gated_mlp:
+        return VisionMLP(cfg)
+    return MLP(TextConfig(d_model=cfg.d_vision, d_ff=cfg.d_ff, mlp_bias=True, activation=cfg.activation))
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: Qwen2VisionConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.d_vision, eps=cfg.norm_eps)
-        self.norm2 = nn.LayerNorm(cfg.d_vision, eps=cfg.norm_eps)
+        self.norm1 = vision_norm(cfg)
+        self.norm2 = vision_norm(cfg)
         self.attn = VisionAttention(cfg)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = vision_mlp(cfg)
 
     def forward(self, x, cos, sin, lengths):
         x = x + self.attn(self.norm1(x), cos, sin, lengths)
@@ -121,22 +175,32 @@ class Qwen2VisionTower(nn.Module):
 
     def forward(self, patches: torch.Tensor, grids: Sequence[tuple[int, int, int]]) -> torch.Tensor:
         """(N, patch_dim) patches of the images of `grids` -> (N, d_vision) hidden states."""
+        c = self.cfg
         x = self.patch_embed(patches)
-        cos, sin = self.rotary(vision_positions(grids, self.cfg.spatial_merge_size, x.device))
-        lengths = [h * w for t, h, w in grids for _ in range(t)]
-        for block in self.blocks:
-            x = block(x, cos, sin, lengths)
-        return x
+        cos, sin = self.rotary(vision_positions(grids, c.spatial_merge_size, x.device))
+        images = [h * w for t, h, w in grids for _ in range(t)]  # one run per frame of each image
+        if not c.window_size:
+            for block in self.blocks:
+                x = block(x, cos, sin, images)
+            return x
+        unit = c.spatial_merge_size**2
+        order, windows = window_order(grids, c.spatial_merge_size, c.window_size // c.patch_size // c.spatial_merge_size)
+        order = order.to(x.device)
+        x, cos, sin = (permute_blocks(t, order, unit) for t in (x, cos, sin))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, images if i in c.fullatt_block_indexes else windows)
+        return permute_blocks(x, torch.argsort(order), unit)
 
 
 class PatchMerger(nn.Module):
-    """transformers' PatchMerger: ln_q, then mlp.0 -> GELU -> mlp.2 over each 2x2 block."""
+    """transformers' PatchMerger: ln_q, then mlp.0 -> GELU -> mlp.2 over each 2x2 block
+    (ln_q: LayerNorm in Qwen2-VL, RMSNorm in Qwen2.5-VL, both at eps 1e-6)."""
 
     def __init__(self, cfg: Qwen2VisionConfig):
         super().__init__()
         merged = cfg.d_vision * cfg.spatial_merge_size**2
         self.merged = merged
-        self.ln_q = nn.LayerNorm(cfg.d_vision, eps=1e-6)
+        self.ln_q = RMSNorm(cfg.d_vision, 1e-6) if cfg.norm == "rms" else nn.LayerNorm(cfg.d_vision, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, cfg.d_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
