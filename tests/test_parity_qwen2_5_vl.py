@@ -106,6 +106,26 @@ def test_windows_and_full_attention_blocks_matter(qwen, make_test_image):
             assert (other - expected).abs().max() > 1e-2, changed
 
 
+@pytest.mark.parametrize("rows", [7, 8, 64])
+def test_features_in_row_chunks_are_transformers(qwen, make_test_image, monkeypatch, rows):
+    """The token-wise parts a few rows at a time (ROWS is 1024 in use; these images have
+    fewer patches), two images: the same features as transformers'."""
+    from vlmcli.families.qwen2_vl import vision
+
+    _, ref, processor, ours = qwen
+    images = [make_test_image(size=BIG, seed=2), make_test_image(size=WIDE, seed=3)]
+    prepared = ours.prepare_images(images, Timings())
+    inputs = processor.image_processor(images=[_pil(i) for i in images], return_tensors="pt")
+    monkeypatch.setattr(vision, "ROWS", rows)
+    with torch.inference_mode():
+        expected = ref.model.get_image_features(
+            pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+        ).pooler_output
+        got = ours.encode_prepared(prepared, Timings())
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def test_max_pixels_through_describe(capsys, qwen, make_test_image):
     path, _, processor, _ = qwen
     image = make_test_image(size=BIG, seed=4)

@@ -7,8 +7,9 @@ Qwen2VisionTransformerPretrainedModel and Qwen2_5_VisionTransformerPretrainedMod
             attention: fused qkv (bias), 2-D RoPE (row and column of each patch, in fp32),
             restricted to each image (Qwen2-VL; Qwen2.5-VL's fullatt_block_indexes) or to
             each window of window_size px (Qwen2.5-VL's other blocks): one SDPA call per
-            image or window, so memory grows with the largest run's length squared (per
-            head, and less with SDPA's CPU flash kernel), never with an (N, N) mask
+            image or window, without a mask, so nothing (N, N) is ever built (SDPA's flash
+            kernels keep even one run's scores in tiles); the token-wise parts run ROWS
+            patches at a time (benchmarks/vision_memory.py)
             norms: LayerNorm (Qwen2-VL) or RMSNorm (Qwen2.5-VL)
             mlp: fc1 -> quick_gelu -> fc2 (Qwen2-VL) or SwiGLU with biases (Qwen2.5-VL)
       -> merger (our `projector`): ln_q (LayerNorm / RMSNorm), each 2x2 block concatenated,
@@ -103,6 +104,26 @@ class VisionRotary(nn.Module):
         return emb.cos(), emb.sin()
 
 
+# The token-wise parts (qkv + RoPE, proj, norm + MLP) run this many patches at a time, so
+# their temporaries are (ROWS, 3d) and (ROWS, d_ff), not (N, ...): a 1344 px image is 9216
+# patches, and its MLP's (N, 5120) fp32 activations alone would be 190 MB each.
+ROWS = 1024
+
+
+def by_rows(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """fn over the same ROWS-row slices of `tensors`, into one preallocated output."""
+    n, rows = tensors[0].shape[0], ROWS
+    if n <= rows:
+        return fn(*tensors)
+    out = None
+    for i in range(0, n, rows):
+        part = fn(*(t[i : i + rows] for t in tensors))
+        if out is None:
+            out = part.new_empty((n, *part.shape[1:]))
+        out[i : i + rows] = part
+    return out
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: Qwen2VisionConfig):
         super().__init__()
@@ -110,19 +131,31 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_vision, 3 * cfg.d_vision, bias=True)
         self.proj = nn.Linear(cfg.d_vision, cfg.d_vision)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lengths: list[int],
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention within each run of `lengths` consecutive patches; plus `residual` if given."""
         N, d = x.shape
-        q, k, v = self.qkv(x).reshape(N, 3, self.n_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, nh, hd)
-        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        q = (q.float() * c + _rotate_half(q.float()) * s).to(x.dtype)
-        k = (k.float() * c + _rotate_half(k.float()) * s).to(x.dtype)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, nh, N, hd)
-        outs = [
-            F.scaled_dot_product_attention(qi, ki, vi)
-            for qi, ki, vi in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))
-        ]
-        y = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
-        return self.proj(y[0].transpose(0, 1).reshape(N, d))
+        nh = self.n_heads
+        q, k, v = (x.new_empty(nh, N, d // nh) for _ in range(3))  # heads first, for SDPA
+        for i in range(0, N, ROWS):
+            rows = slice(i, i + ROWS)
+            qi, ki, vi = self.qkv(x[rows]).reshape(-1, 3, nh, d // nh).permute(1, 2, 0, 3).unbind(0)  # (nh, r, hd)
+            c, s = cos[rows], sin[rows]  # (r, hd), in fp32 as transformers rotates
+            q[:, rows] = qi.float() * c + _rotate_half(qi.float()) * s
+            k[:, rows] = ki.float() * c + _rotate_half(ki.float()) * s
+            v[:, rows] = vi
+        y = x.new_empty(N, d)
+        start = 0
+        for n in lengths:
+            run = slice(start, start + n)
+            # 4-D: with 3-D inputs SDPA on CPU takes its math path, (nh, n, n) scores and all
+            out = F.scaled_dot_product_attention(q[None, :, run], k[None, :, run], v[None, :, run])[0]
+            y[run] = out.transpose(0, 1).reshape(n, d)
+            start += n
+        del q, k, v
+        if residual is None:
+            return by_rows(self.proj, y)
+        return by_rows(lambda r, t: r + self.proj(t), residual, y)
 
 
 def vision_norm(cfg: Qwen2VisionConfig) -> nn.Module:
@@ -148,8 +181,8 @@ class VisionBlock(nn.Module):
         self.mlp = vision_mlp(cfg)
 
     def forward(self, x, cos, sin, lengths):
-        x = x + self.attn(self.norm1(x), cos, sin, lengths)
-        return x + self.mlp(self.norm2(x))
+        x = self.attn(self.norm1(x), cos, sin, lengths, residual=x)
+        return by_rows(lambda t: t + self.mlp(self.norm2(t)), x)
 
 
 class PatchEmbed(nn.Module):
