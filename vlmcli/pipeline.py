@@ -169,6 +169,16 @@ class Pipeline:
             return self.processor.build_prompt(messages, token_counts, context_length or self.context_length, grids=grids)
         return self.processor.build_prompt(messages, token_counts, context_length or self.context_length)
 
+    def prepare_prompt(
+        self, messages: list[Message], images: list[ImageSource], timings: Timings, context_length: int | None = None
+    ) -> tuple[PromptSequence, PreparedImages | None]:
+        """The prompt for `messages` with its images preprocessed, built and checked before
+        the vision tower or the decoder run (what `ask` and the server's requests start with)."""
+        prepared = self.prepare_images(images, timings)
+        counts = prepared.token_counts if prepared is not None else [self.tokens_per_image] * count_images(messages)
+        grids = prepared.grids if prepared is not None else None
+        return self.build_prompt(messages, counts, context_length, grids=grids), prepared
+
     def ask(
         self,
         messages: list[Message],
@@ -178,10 +188,7 @@ class Pipeline:
     ) -> Answer:
         """Answer the last user turn of `messages`, whose image parts refer to `images` in order."""
         timings = Timings()
-        prepared = self.prepare_images(images, timings)
-        counts = prepared.token_counts if prepared is not None else [self.tokens_per_image] * count_images(messages)
-        # built and checked before the vision tower or the decoder run
-        seq = self.build_prompt(messages, counts, grids=prepared.grids if prepared is not None else None)
+        seq, prepared = self.prepare_prompt(messages, images, timings)
         visual = self.encode_prepared(prepared, timings) if prepared is not None else None
         notes = prepared.notes if prepared is not None else []
         cache_len = min(self.context_length, len(seq.ids) + opts.max_new_tokens)

@@ -14,7 +14,7 @@ from typing import Iterator
 import typer
 
 from vlmcli import __version__
-from vlmcli.cli import bench, chat, common, convert, describe, help, info
+from vlmcli.cli import bench, chat, common, convert, describe, help, info, serve
 from vlmcli.cli.console import err_console, state
 from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, VlmError
 
@@ -52,6 +52,7 @@ app.command("chat")(chat.chat)
 app.command("convert")(convert.convert)
 app.command("info")(info.info)
 app.command("bench")(bench.bench)
+app.command("serve")(serve.serve)
 
 
 def _torch_oom() -> type[BaseException]:
