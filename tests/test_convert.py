@@ -264,7 +264,7 @@ def test_bad_options(capsys, llava_ckpt, tmp_path, args, message):
 
 def test_missing_to(capsys, llava_ckpt, tmp_path):
     code, _, err = run(capsys, "convert", llava_ckpt, tmp_path / "out")
-    assert code == 2 and "Missing option '--to'" in err
+    assert (code, err) == (2, "error: missing option '--to'\nTry 'vlm convert --help' for help.\n")
 
 
 def test_parse_size():
