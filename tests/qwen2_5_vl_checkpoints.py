@@ -16,6 +16,7 @@ import torch
 
 from tests.checkpoints import DEFAULT_WEIGHT_SCALE, _transformers_version, _write_json, randomize_weights_
 from tests.family_checkpoints import _chatml_tokenizer_config
+from tests.qwen2_vl_checkpoints import reference_processor as qwen2_vl_reference_processor
 from tests.qwen2_vl_checkpoints import (
     MAX_PIXELS, MIN_PIXELS, QWEN_VISION_TOKENS, preprocessor_config, train_qwen2_vl_tokenizer,
 )
@@ -78,22 +79,7 @@ def make_qwen2_5_vl_checkpoint(
 
 
 def reference_processor(path):
-    """transformers' Qwen2_5_VLProcessor (Pillow image backend, no video processor: that needs torchvision)."""
-    import json
-
+    """transformers' Qwen2_5_VLProcessor, as qwen2_vl_checkpoints builds Qwen2-VL's."""
     import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    class _ImageOnly(transformers.Qwen2_5_VLProcessor):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument_name == "video_processor" and argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    path = Path(path)
-    return _ImageOnly(
-        image_processor=Qwen2VLImageProcessorPil.from_pretrained(path),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(path),
-        video_processor=None,
-        chat_template=json.loads((path / "chat_template.json").read_text())["chat_template"],
-    )
+    return qwen2_vl_reference_processor(path, transformers.Qwen2_5_VLProcessor)

@@ -104,14 +104,15 @@ def make_qwen2_vl_checkpoint(
     return path
 
 
-def reference_processor(path):
-    """transformers' Qwen2VLProcessor (Pillow image backend, no video processor: that needs torchvision)."""
+def reference_processor(path, processor_class=None):
+    """transformers' Qwen2VLProcessor, or the Qwen2.5-VL one given (Pillow image backend, no
+    video processor: that needs torchvision)."""
     import json
 
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    class _ImageOnly(transformers.Qwen2VLProcessor):
+    class _ImageOnly(processor_class or transformers.Qwen2VLProcessor):
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument_name == "video_processor" and argument is None:
                 return None

@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from tests.qwen2_5_vl_checkpoints import make_qwen2_5_vl_checkpoint, reference_processor  # noqa: E402
 from tests.test_parity_qwen2_vl import (  # noqa: E402  (the shared tests run on this module's fixture too)
-    BIG, PROMPTS, SMALL, TALL, WIDE, _pil, check_parity, test_chat_text_turn_after_an_image_turn,
+    BIG, PROMPTS, SMALL, TALL, WIDE, _pil, _to_hub_names, check_parity, test_chat_text_turn_after_an_image_turn,
     test_context_refusal_names_both_numbers, test_tensor_slot_step_equals_eager_step, test_text_only_parity,
 )
 from vlmcli.cli import main  # noqa: E402
@@ -159,15 +159,6 @@ HUB_3B = {
     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
     "vocab_size": 151936,
 }
-
-
-def _to_hub_names(key: str) -> str:
-    """transformers 5's names -> the hub repo's: visual.*, model.*, lm_head."""
-    if key.startswith("model.visual."):
-        return key[len("model.") :]
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model.") :]
-    return key
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers5"])

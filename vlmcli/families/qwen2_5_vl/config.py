@@ -18,7 +18,7 @@ import dataclasses
 from typing import Any
 
 from vlmcli.errors import CheckpointError, UnsupportedModelError
-from vlmcli.families.qwen2_vl.config import Qwen2VisionConfig, Qwen2VLConfig, parse_qwen2_vl
+from vlmcli.families.qwen2_vl.config import Qwen2VisionConfig, Qwen2VLConfig, parse_qwen2_vl, vision_int
 
 # transformers' Qwen2_5_VLVisionConfig defaults
 _VISION_DEFAULTS: dict[str, Any] = dict(
@@ -28,24 +28,12 @@ _VISION_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _int(cfg: dict[str, Any], *keys: str) -> int:
-    for key in keys:
-        if cfg.get(key) is not None:
-            value = cfg[key]
-            break
-    else:
-        value = _VISION_DEFAULTS[keys[0]]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-        raise CheckpointError(f"config.json: vision_config.{keys[0]} must be an integer, not {value!r}")
-    return int(value)
-
-
 def vision_from_hf(cfg: dict[str, Any]) -> Qwen2VisionConfig:
     model_type = cfg.get("model_type", "qwen2_5_vl")
     if model_type not in ("qwen2_5_vl", "qwen2_5_vl_vision"):
         raise UnsupportedModelError(f"vision tower of model_type '{model_type}' is not supported in Qwen2.5-VL")
-    patch = _int(cfg, "patch_size", "spatial_patch_size")
-    merge = _int(cfg, "spatial_merge_size")
+    patch = vision_int(cfg, _VISION_DEFAULTS, "patch_size", "spatial_patch_size")
+    merge = vision_int(cfg, _VISION_DEFAULTS, "spatial_merge_size")
     full = cfg.get("fullatt_block_indexes", _VISION_DEFAULTS["fullatt_block_indexes"])
     if not isinstance(full, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in full):
         raise CheckpointError(f"config.json: vision_config.fullatt_block_indexes must be a list of integers, not {full!r}")
@@ -54,19 +42,19 @@ def vision_from_hf(cfg: dict[str, Any]) -> Qwen2VisionConfig:
         model_type="qwen2_5_vl_vision",
         image_size=patch * merge,
         patch_size=patch,
-        d_vision=_int(cfg, "hidden_size"),
-        n_layers=_int(cfg, "depth"),
-        n_heads=_int(cfg, "num_heads"),
-        d_ff=_int(cfg, "intermediate_size"),
+        d_vision=vision_int(cfg, _VISION_DEFAULTS, "hidden_size"),
+        n_layers=vision_int(cfg, _VISION_DEFAULTS, "depth"),
+        n_heads=vision_int(cfg, _VISION_DEFAULTS, "num_heads"),
+        d_ff=vision_int(cfg, _VISION_DEFAULTS, "intermediate_size"),
         activation=str(cfg.get("hidden_act") or _VISION_DEFAULTS["hidden_act"]),
-        num_channels=_int(cfg, "in_channels", "in_chans"),
-        temporal_patch_size=_int(cfg, "temporal_patch_size"),
+        num_channels=vision_int(cfg, _VISION_DEFAULTS, "in_channels", "in_chans"),
+        temporal_patch_size=vision_int(cfg, _VISION_DEFAULTS, "temporal_patch_size"),
         spatial_merge_size=merge,
-        d_out=_int(cfg, "out_hidden_size"),
+        d_out=vision_int(cfg, _VISION_DEFAULTS, "out_hidden_size"),
         rope_theta=float(rope.get("rope_theta", 10000.0)),
         norm="rms",
         gated_mlp=True,
-        window_size=_int(cfg, "window_size"),
+        window_size=vision_int(cfg, _VISION_DEFAULTS, "window_size"),
         fullatt_block_indexes=tuple(full),
     )
 

@@ -112,13 +112,15 @@ class Qwen2VLConfig(MultiModalConfig):
             )
 
 
-def _int(cfg: dict[str, Any], *keys: str) -> int:
+def vision_int(cfg: dict[str, Any], defaults: dict[str, Any], *keys: str) -> int:
+    """The first of `keys` the vision config sets (else the first key's default), checked to
+    be an integer; Qwen2.5-VL reads its tower with its own defaults."""
     for key in keys:
         if cfg.get(key) is not None:
             value = cfg[key]
             break
     else:
-        value = _VISION_DEFAULTS[keys[0]]
+        value = defaults[keys[0]]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
         raise CheckpointError(f"config.json: vision_config.{keys[0]} must be an integer, not {value!r}")
     return int(value)
@@ -128,23 +130,23 @@ def vision_from_hf(cfg: dict[str, Any]) -> Qwen2VisionConfig:
     model_type = cfg.get("model_type", "qwen2_vl")
     if model_type not in ("qwen2_vl", "qwen2_vl_vision"):
         raise UnsupportedModelError(f"vision tower of model_type '{model_type}' is not supported in Qwen2-VL")
-    d = _int(cfg, "embed_dim")
+    d = vision_int(cfg, _VISION_DEFAULTS, "embed_dim")
     ratio = cfg.get("mlp_ratio", _VISION_DEFAULTS["mlp_ratio"])
-    patch = _int(cfg, "patch_size", "spatial_patch_size")
-    merge = _int(cfg, "spatial_merge_size")
+    patch = vision_int(cfg, _VISION_DEFAULTS, "patch_size", "spatial_patch_size")
+    merge = vision_int(cfg, _VISION_DEFAULTS, "spatial_merge_size")
     rope = cfg.get("rope_parameters") or {}
     return Qwen2VisionConfig(
         image_size=patch * merge,  # no fixed input size; the smallest image is one token
         patch_size=patch,
         d_vision=d,
-        n_layers=_int(cfg, "depth"),
-        n_heads=_int(cfg, "num_heads"),
+        n_layers=vision_int(cfg, _VISION_DEFAULTS, "depth"),
+        n_heads=vision_int(cfg, _VISION_DEFAULTS, "num_heads"),
         d_ff=int(d * float(ratio)),
         activation=str(cfg.get("hidden_act") or _VISION_DEFAULTS["hidden_act"]),
-        num_channels=_int(cfg, "in_channels", "in_chans"),
-        temporal_patch_size=_int(cfg, "temporal_patch_size"),
+        num_channels=vision_int(cfg, _VISION_DEFAULTS, "in_channels", "in_chans"),
+        temporal_patch_size=vision_int(cfg, _VISION_DEFAULTS, "temporal_patch_size"),
         spatial_merge_size=merge,
-        d_out=_int(cfg, "hidden_size"),
+        d_out=vision_int(cfg, _VISION_DEFAULTS, "hidden_size"),
         rope_theta=float(rope.get("rope_theta", 10000.0)),
     )
 
