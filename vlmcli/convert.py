@@ -34,7 +34,7 @@ from backends import bnb  # not bitsandbytes itself: that is imported when first
 from vlmcli import __version__, checkpoint
 from vlmcli.errors import UsageError, VlmError
 from vlmcli.families import Family, parse_config
-from vlmcli.loader import LoadPlan, plan_load
+from vlmcli.loader import LoadPlan, build_on_meta, plan_load
 from vlmcli.quantization import (
     HF_LM_HEAD,
     Quantization,
@@ -105,8 +105,7 @@ def convert(
         raise UsageError(f"the source is {source_quant.describe()}; reading it needs {reason}")
     # Plan over every block of the vision tower, not only those a LLaVA runs: the output
     # must hold (and quantize alike) everything transformers will look for.
-    with torch.device("meta"):
-        model = family.build(cfg, True)
+    model = build_on_meta(family, cfg, True)
     files = checkpoint.weight_files(folder)
     plan = plan_load(model, files, family)
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 import backends
 from vlmcli import checkpoint
 from vlmcli.errors import UsageError
 from vlmcli.families import parse_config
-from vlmcli.loader import expected_parameters, linear_modules, plan_load
+from vlmcli.loader import build_on_meta, expected_parameters, linear_modules, plan_load
 from vlmcli.quantization import read_quantization
 
 # The backends `vlm info` estimates, as `-b` spells them.
@@ -27,8 +26,7 @@ def model_info(ref: str, *, download_progress: bool = True) -> dict[str, Any]:
     family, cfg = parse_config(raw)
     quant = read_quantization(raw)
     files = checkpoint.weight_files(folder)
-    with torch.device("meta"):
-        model = family.build(cfg, False)
+    model = build_on_meta(family, cfg, False)
     plan = plan_load(model, files, family)  # also checks every header against the config
     expected = expected_parameters(model)
     linears = linear_modules(model)
