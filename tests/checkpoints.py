@@ -717,3 +717,15 @@ def _build_smollm2_llava(gguf: Path, out: Path) -> None:
     # Not part of the HF layout; records provenance and how long the build took.
     build_seconds = round(time.perf_counter() - started, 1)
     _write_json(out / "build_info.json", {"source": gguf.name, "build_seconds": build_seconds})
+
+
+if __name__ == "__main__":
+    # `python -m tests.checkpoints smollm2-llava`: the README's example model, built (or
+    # taken from the test cache) and linked at the path given.
+    import sys
+
+    link = Path(sys.argv[1] if len(sys.argv) > 1 else "smollm2-llava")
+    built = smollm2_llava_checkpoint()
+    if not link.exists():
+        link.symlink_to(built, target_is_directory=True)
+    print(f"{link} -> {built}")
