@@ -469,7 +469,6 @@ def local_attention_init_(vision, grid: int) -> None:
     blocks head h's query is that code rotated by LOCAL_OFFSETS[h] while its key is the
     code itself, so the head attends to the patch at that offset. All of it stays trainable.
     """
-    d = vision.cfg.d_vision
     n_freq = POS_CHANNELS // 4
     omega = math.pi * torch.arange(1, n_freq + 1, dtype=torch.float32) / grid
     rows = torch.arange(grid, dtype=torch.float32).repeat_interleave(grid)

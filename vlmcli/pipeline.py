@@ -194,15 +194,15 @@ class Pipeline:
         cache_len = min(self.context_length, len(seq.ids) + opts.max_new_tokens)
         cache = self.model.new_cache(cache_len)
         stream = self.tokenizer.stream_decoder()
-        on_token = None
-        if on_text:
-            def on_token(token: int) -> None:
-                piece = stream.push(token)
-                if piece:
-                    on_text(piece)
+
+        def on_token(token: int) -> None:
+            piece = stream.push(token)
+            if piece:
+                on_text(piece)
+
         result: Generation = generate(
             self.model, seq.ids, visual, opts, self.stop_ids, cache,
-            prefix=seq.prefix, on_token=on_token, timings=timings, step=self.step, positions=seq.positions,
+            prefix=seq.prefix, on_token=on_token if on_text else None, timings=timings, step=self.step, positions=seq.positions,
         )
         if on_text:
             tail = stream.flush()
