@@ -47,8 +47,13 @@ def parse_model_ref(ref: str) -> tuple[str, str | None]:
     return ref, None
 
 
-def resolve(ref: str, *, progress: bool = True) -> Path:
-    """A model folder for `ref`: 'demo', a local folder, or a hub repo id (`id@revision`)."""
+def resolve(ref: str, *, progress: bool = True, mmproj: str | None = None) -> Path:
+    """A model folder for `ref`: 'demo', a local folder, or a hub repo id (`id@revision`).
+    A GGUF file (with its `mmproj` vision file, if any) or a folder of GGUF files is
+    presented as a model folder too (vlmcli/gguf/source.py)."""
+    gguf_folder = _resolve_gguf(ref, mmproj)
+    if gguf_folder is not None:
+        return gguf_folder
     if ref == "demo":
         path = demo_path()
         if not (path / "config.json").exists():
@@ -61,6 +66,20 @@ def resolve(ref: str, *, progress: bool = True) -> Path:
     if local.exists() or not _REPO_ID.match(repo) or ref.startswith((".", "/", "~")):
         raise UsageError(f"model '{ref}' is neither a folder nor a hub repo id like 'org/name'")
     return _download(repo, revision, progress=progress)
+
+
+def _resolve_gguf(ref: str, mmproj: str | None) -> Path | None:
+    from vlmcli.gguf import source
+
+    local = Path(ref).expanduser()
+    if source.is_gguf(local):
+        return source.present(local, None if mmproj is None else Path(mmproj))
+    if local.is_dir() and not (local / "config.json").exists() and any(source.is_gguf(p) for p in local.iterdir()):
+        model, found = source.find_pair(local)
+        return source.present(model, Path(mmproj) if mmproj is not None else found)
+    if mmproj is not None:
+        raise UsageError(f"--mmproj goes with a GGUF model (-m MODEL.gguf); '{ref}' is not one")
+    return None
 
 
 def _download(repo: str, revision: str | None, *, progress: bool) -> Path:
@@ -137,6 +156,10 @@ class WeightFiles:
 
 
 def weight_files(folder: Path) -> WeightFiles:
+    from vlmcli.gguf import source
+
+    if source.is_presented(folder):  # a GGUF pair: its own reader (a GGUFWeights)
+        return source.weights_of(folder)
     index = folder / INDEX_NAME
     if index.exists():
         weight_map = read_json(index).get("weight_map")
@@ -186,6 +209,9 @@ def iter_tensors(files: WeightFiles) -> Iterator[tuple[str, torch.Tensor]]:
     every page it has touched resident (and counted in the process's memory) until it is
     closed, so loading through one costs the whole shard on top of the model; mapped tensor
     by tensor, a tensor the backend converts costs its pages only until it is dropped."""
+    if not isinstance(files, WeightFiles):  # a GGUF pair (vlmcli/gguf/source.py)
+        yield from files.iter_tensors()
+        return
     for path in files.files:
         try:
             with open(path, "rb") as f:
@@ -307,6 +333,8 @@ _libc = _load_libc()
 
 def tensor_shapes(files: WeightFiles) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype) from the headers alone, without reading any data."""
+    if not isinstance(files, WeightFiles):  # a GGUF pair (vlmcli/gguf/source.py)
+        return files.tensor_shapes()
     out = {}
     for path in files.files:
         try:

@@ -101,11 +101,18 @@ class Pipeline:
         progress: ProgressFn | None = None,
         notice: Notice | None = None,
         download_progress: bool = True,
+        mmproj: str | None = None,
     ) -> "Pipeline":
+        """mmproj: the vision file of a GGUF model (`-m model.gguf --mmproj mmproj.gguf`)."""
         backends.get_backend(backend)  # fails before anything is read or downloaded
-        folder = checkpoint.resolve(model_ref, progress=download_progress)
+        folder = checkpoint.resolve(model_ref, progress=download_progress, mmproj=mmproj)
         # again, now knowing the checkpoint: auto picks a quantized checkpoint's own format
         chosen = backends.get_backend(backend, read_quantization(checkpoint.read_config(folder)))
+        if notice:
+            from vlmcli.gguf.source import dequantize_notice
+
+            if (line := dequantize_notice(folder, chosen.dtype)) is not None:
+                notice(line)
         loaded = load_model(folder, chosen, progress=progress)
         family = loaded.family
         tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.chat_template(loaded.config))

@@ -1,0 +1,222 @@
+"""A GGUF model (and its mmproj) presented as what every command already reads: a Hugging
+Face model folder.
+
+`present(model, mmproj)` writes, into a temporary folder of the process, the small files
+of that layout, derived from the GGUF metadata: config.json (LLaVA with an mmproj, else
+the decoder's own model_type), tokenizer.json + tokenizer_config.json (built from
+`tokenizer.ggml.*`), chat_template.jinja (`tokenizer.chat_template`),
+preprocessor_config.json (the mmproj's image statistics) and generation_config.json. No
+weights: `gguf_files.json` names the GGUF files, and checkpoint.weight_files() answers
+for such a folder with a GGUFWeights, whose tensor_shapes() / iter_tensors() give the
+Hugging Face names and tensors (float as stored, quantized ones dequantized one tensor at
+a time) that the loader's plan, fill and fusing consume unchanged.
+
+The folder lives as long as the process (bench's child processes read it too) and is
+removed at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from vlmcli.errors import CheckpointError, UsageError
+from vlmcli.gguf import mmproj as mm
+from vlmcli.gguf import text
+from vlmcli.gguf.reader import FLOAT_TYPES, GGUFFile
+from vlmcli.gguf.tokenizer import build_tokenizer
+
+MARKER = "gguf_files.json"
+IMAGE_TOKEN = "<image>"
+_LM_PREFIX = {True: "language_model.model.", False: "model."}  # with / without an mmproj
+
+
+def is_gguf(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"
+
+
+def find_pair(folder: Path) -> tuple[Path, Path | None]:
+    """The language model and mmproj GGUF files of a folder holding one of each (or one model)."""
+    files = sorted(p for p in folder.iterdir() if is_gguf(p) and p.is_file())
+    projectors = [p for p in files if _architecture(p) == "clip"]
+    models = [p for p in files if p not in projectors]
+    if len(models) != 1 or len(projectors) > 1:
+        found = ", ".join(p.name for p in files) or "none"
+        raise UsageError(
+            f"{folder} should hold one GGUF model and at most one mmproj file (found: {found}); "
+            f"give them as -m MODEL.gguf --mmproj MMPROJ.gguf"
+        )
+    return models[0], (projectors[0] if projectors else None)
+
+
+def _architecture(path: Path) -> str | None:
+    try:
+        return GGUFFile(path).architecture
+    except CheckpointError:
+        return None
+
+
+_presented: dict[tuple, Path] = {}
+
+
+def present(model: Path, mmproj: Path | None) -> Path:
+    """The Hugging Face folder for this pair (made once per process and pair)."""
+    model = Path(model).expanduser()
+    mmproj = None if mmproj is None else Path(mmproj).expanduser()
+    for path, what in ((model, "model"), (mmproj, "mmproj")):
+        if path is not None and not path.is_file():
+            raise UsageError(f"the {what} file {path} does not exist")
+    key = tuple(str(p.resolve()) if p else None for p in (model, mmproj))
+    if key in _presented and (_presented[key] / MARKER).exists():
+        return _presented[key]
+    lm = GGUFFile(model)
+    text_cfg = text.text_config(lm)
+    files = {"model": key[0], "mmproj": key[1]}
+    image_token = None
+    proj = None
+    if mmproj is not None:
+        proj = GGUFFile(mmproj)
+        config = mm.vision_config(proj, text_cfg)
+        image_token = IMAGE_TOKEN
+    tokenizer, tok_config = build_tokenizer(lm, image_token=image_token)
+    if proj is not None:
+        image_id = tokenizer.token_to_id(IMAGE_TOKEN)
+        config.update(text_config=text_cfg, image_token_index=image_id,
+                      tie_word_embeddings=text_cfg["tie_word_embeddings"])
+    else:
+        config = dict(text_cfg)
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
+    folder = _workdir() / f"{model.stem}-{digest}"
+    folder.mkdir()
+    _write_json(folder / "config.json", config)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write_json(folder / "tokenizer_config.json", tok_config)
+    template = lm.get("tokenizer.chat_template")
+    # With an mmproj the family's template writes the image slots; a language model's own
+    # template takes string contents only, unless it speaks of images itself.
+    if isinstance(template, str) and (proj is None or "image" in template):
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+    if proj is not None:
+        _write_json(folder / "preprocessor_config.json", mm.image_processor(proj, config))
+    eos = [text_cfg[k] for k in ("eos_token_id",) if k in text_cfg]
+    eot = lm.get("tokenizer.ggml.eot_token_id")
+    if isinstance(eot, int):
+        eos.append(eot)
+    _write_json(folder / "generation_config.json", {"eos_token_id": eos})
+    _write_json(folder / MARKER, files)  # last: the folder is complete once it is there
+    _presented[key] = folder
+    return folder
+
+
+_workdir_path: list[Path] = []
+
+
+def _workdir() -> Path:
+    if not _workdir_path:
+        path = Path(tempfile.mkdtemp(prefix="vlm-gguf-"))
+        atexit.register(shutil.rmtree, path, True)
+        _workdir_path.append(path)
+    return _workdir_path[0]
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---- weights -------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFWeights:
+    """The tensors of a presented pair under their Hugging Face names (what
+    checkpoint.weight_files gives for a presented folder)."""
+
+    model: GGUFFile
+    mmproj: GGUFFile | None
+    config: dict[str, Any]
+    names: dict[str, tuple[GGUFFile, str]] = field(default_factory=dict)  # HF name -> (file, GGUF name)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return tuple(f.path for f in (self.model, self.mmproj) if f is not None)
+
+    def __post_init__(self) -> None:
+        prefix = _LM_PREFIX[self.mmproj is not None]
+        for name in self.model.tensors:
+            hf = text.hf_name(name)
+            if hf == "lm_head.weight":  # llava-hf: language_model.lm_head; a causal LM: lm_head
+                hf = ("language_model." if self.mmproj is not None else "") + hf
+            elif hf is not None:
+                hf = prefix + hf
+            if hf is not None:
+                self.names[hf] = (self.model, name)
+        if self.mmproj is not None:
+            for name in self.mmproj.tensors:
+                hf = mm.hf_name(self.mmproj, name)
+                if hf is not None:
+                    self.names[hf] = (self.mmproj, name)
+
+    def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """HF name -> (shape, dtype as the loader will receive it: quantized types arrive as F32)."""
+        out = {}
+        for hf, (file, name) in self.names.items():
+            info = file.tensors[name]
+            dtype = info.type_name if info.type_name in FLOAT_TYPES else "F32"
+            out[hf] = (info.shape, dtype)
+        return out
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        arch = self.model.architecture
+        text_cfg = self.config.get("text_config", self.config)
+        for hf, (file, name) in self.names.items():
+            tensor = file.read(name)
+            if file is self.model:
+                tensor = text.undo_rewrites(arch, name, tensor, text_cfg)
+            yield hf, tensor
+
+    def type_counts(self) -> dict[str, Counter]:
+        """part (decoder / vision / projector) -> ggml type -> how many tensors."""
+        parts: dict[str, Counter] = {}
+        for hf, (file, name) in self.names.items():
+            part = "decoder" if file is self.model else ("projector" if hf.startswith("multi_modal_projector") else "vision")
+            parts.setdefault(part, Counter())[file.tensors[name].type_name] += 1
+        return parts
+
+    def quantized(self) -> Counter:
+        """ggml type -> tensors that will be dequantized."""
+        return Counter(t for c in self.type_counts().values() for t, n in c.items() if t not in FLOAT_TYPES for _ in range(n))
+
+
+def weights_of(folder: Path) -> GGUFWeights:
+    """The GGUFWeights of a folder made by present()."""
+    files = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    model = GGUFFile(Path(files["model"]))
+    proj = GGUFFile(Path(files["mmproj"])) if files.get("mmproj") else None
+    return GGUFWeights(model, proj, config)
+
+
+def is_presented(folder: Path) -> bool:
+    return (folder / MARKER).is_file()
+
+
+def dequantize_notice(folder: Path, dtype: torch.dtype) -> str | None:
+    """What loading will dequantize, for stderr; None for a folder that is not a GGUF pair
+    or holds no quantized tensors."""
+    if not is_presented(folder):
+        return None
+    counts = weights_of(folder).quantized()
+    if not counts:
+        return None
+    types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    name = str(dtype).removeprefix("torch.")
+    return f"dequantizing {types} tensors to {name}, one at a time (repacking them for int8/int4 backends is not done yet)"
