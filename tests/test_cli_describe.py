@@ -160,7 +160,11 @@ def test_shell_completion():
     assert vlm(env=env, text=True).stdout.split() == ["chat"]
     env = {"_VLM_COMPLETE": "complete_bash", "COMP_WORDS": "vlm describe --max-to", "COMP_CWORD": "2"}
     assert vlm(env=env, text=True).stdout.split() == ["--max-tokens"]
-    script = vlm("--show-completion", "bash", text=True)
+    # `--show-completion` prints the script for the shell it finds among its parent processes
+    # (Typer's shellingham): run it from a bash, as a user would, whatever started pytest
+    script = subprocess.run(
+        ["bash", "-c", '"$0" -m vlmcli --show-completion; exit $?', sys.executable], capture_output=True, text=True
+    )
     assert script.returncode == 0 and "complete -o default -F _vlm_completion vlm" in script.stdout, script.stderr
 
 
