@@ -50,7 +50,7 @@ _FLOAT_TARGETS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Files never copied: weights are rewritten, config.json and the provenance file are
 # written anew, and pickles and code are not ours to carry along.
 _SKIP_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".py", ".pyc"}
-_SKIP_NAMES = {"config.json", checkpoint.INDEX_NAME, PROVENANCE_NAME}
+_SKIP_NAMES = {"config.json", checkpoint.INDEX_NAME, PROVENANCE_NAME, "gguf_files.json"}  # the last: a GGUF pair's pointer
 _SNAPSHOT = re.compile(r"[0-9a-f]{40}")
 
 ProgressFn = Callable[[int, int], None]
@@ -84,7 +84,9 @@ def convert(
     *,
     progress: ProgressFn | None = None,
     download_progress: bool = True,
+    mmproj: str | None = None,
 ) -> ConvertResult:
+    """mmproj: the vision file of a GGUF SOURCE; a GGUF pair is written in the Hugging Face layout."""
     if opts.to not in TARGETS:
         raise UsageError(f"unknown --to '{opts.to}' (choose from: {', '.join(TARGETS)})")
     output = Path(output).expanduser()
@@ -96,7 +98,7 @@ def convert(
     if quantized_target and (reason := bnb.bnb_unavailable_reason()):
         raise UsageError(f"converting to {opts.to} needs bitsandbytes: {reason}")
 
-    folder = checkpoint.resolve(source, progress=download_progress)
+    folder = checkpoint.resolve(source, progress=download_progress, mmproj=mmproj)
     _refuse_same(folder, output)
     raw = checkpoint.read_config(folder)
     family, cfg = parse_config(raw)

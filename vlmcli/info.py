@@ -20,8 +20,8 @@ KV_TOKENS = 1000  # the KV cache is shown per this many tokens of context
 _STORED = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
 
 
-def model_info(ref: str, *, download_progress: bool = True) -> dict[str, Any]:
-    folder = checkpoint.resolve(ref, progress=download_progress)
+def model_info(ref: str, *, download_progress: bool = True, mmproj: str | None = None) -> dict[str, Any]:
+    folder = checkpoint.resolve(ref, progress=download_progress, mmproj=mmproj)
     raw = checkpoint.read_config(folder)
     family, cfg = parse_config(raw)
     quant = read_quantization(raw)
@@ -77,6 +77,13 @@ def model_info(ref: str, *, download_progress: bool = True) -> dict[str, Any]:
         },
         "backends": [],
     }
+    if not isinstance(files, checkpoint.WeightFiles):  # a GGUF pair: what each part is stored as
+        info["path"] = str(files.files[0])
+        info["checkpoint"]["format"] = "GGUF " + "/".join(sorted({t for c in files.type_counts().values() for t in c}))
+        info["checkpoint"]["gguf_types"] = {part: dict(sorted(c.items())) for part, c in files.type_counts().items()}
+    if family.name == "text":  # no vision tower or projector to describe
+        info["vision"] = info["projector"] = None
+        info["image_tokens"] = 0
     for spec in INFO_BACKENDS:
         row: dict[str, Any] = {"backend": spec}
         try:

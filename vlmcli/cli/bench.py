@@ -35,6 +35,7 @@ _PACKAGE_ROOT = str(Path(vlmcli.__file__).resolve().parent.parent)
 
 def bench(
     model: options.Model = options.DEFAULT_MODEL,
+    mmproj: options.Mmproj = None,
     backend: Annotated[
         list[str],
         typer.Option(
@@ -68,7 +69,10 @@ def bench(
     if image is not None:
         load_image_with_notes(image)  # an unreadable file fails once, now, not in every child
     # Downloaded here, once, with its progress bar: no child's load time includes a download.
-    folder = checkpoint.resolve(model, progress=show_progress())
+    from vlmcli.gguf.source import require_vision
+
+    require_vision(model, mmproj)  # bench describes an image
+    folder = checkpoint.resolve(model, progress=show_progress(), mmproj=mmproj)
     quantization = read_quantization(checkpoint.read_config(folder))
 
     rows = []

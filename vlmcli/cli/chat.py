@@ -53,6 +53,7 @@ SETTINGS: dict[str, tuple[str, Callable[[str], object]]] = {
 
 def chat(
     model: options.Model = options.DEFAULT_MODEL,
+    mmproj: options.Mmproj = None,
     image: Annotated[
         Optional[list[str]],
         typer.Option("--image", "-i", help="A picture for the first message (a file or an http(s) URL); repeatable.", show_default=False),
@@ -84,7 +85,8 @@ def chat(
     images = [item.fetched() for item in inputs.expand(image or [], allow_stdin=False)]
     from vlmcli.chat import ChatSession
 
-    session = ChatSession(load_pipeline(model, backend, max_tiles, min_pixels, max_pixels), opts)
+    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels, mmproj=mmproj, images=bool(images))
+    session = ChatSession(pipe, opts)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
         notice(f"chatting with {model}; /help for commands, Ctrl-D to quit")

@@ -23,17 +23,32 @@ def sampling_options(**kwargs) -> SamplingOptions:
 
 
 def load_pipeline(
-    model: str, backend: str, max_tiles: int | None = None, min_pixels: int | None = None, max_pixels: int | None = None
+    model: str,
+    backend: str,
+    max_tiles: int | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    *,
+    mmproj: str | None = None,
+    images: bool = False,
 ) -> Pipeline:
     """The model, with huggingface_hub's download bars and our loading bar on a terminal
     (nothing under -q or when stderr is not a terminal), and the image settings given on
     the command line (--max-tiles, --min-pixels / --max-pixels: refused where the family
-    does not cut or resize images that way)."""
+    does not cut or resize images that way). mmproj: a GGUF model's vision file; images:
+    the command has images for the model, so a GGUF model without its mmproj fails now."""
     from vlmcli.pipeline import Pipeline
+
+    if images:
+        from vlmcli.gguf.source import require_vision
+
+        require_vision(model, mmproj)
 
     state.phase = "loading the model"
     with progress_bar("loading model") as update:
-        pipe = Pipeline.load(model, backend, progress=update, notice=notice, download_progress=show_progress())
+        pipe = Pipeline.load(
+            model, backend, progress=update, notice=notice, download_progress=show_progress(), mmproj=mmproj
+        )
     if max_tiles is not None:
         pipe.set_max_tiles(max_tiles)
     if min_pixels is not None or max_pixels is not None:

@@ -46,6 +46,7 @@ def convert(
             help="The model to convert, instead of SOURCE: a local model folder, a hub repo id (id@revision), or 'demo'.",
         ),
     ] = None,
+    mmproj: options.Mmproj = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is an existing model folder.")] = False,
     double_quant: Annotated[
         bool, typer.Option("--double-quant", help="nf4/fp4: quantize the per-block scales too (~0.4 bit less per weight).")
@@ -91,7 +92,7 @@ def convert(
         verify=not no_verify,
     )
     with progress_bar("converting") as update:
-        result = library.convert(source, output, opts, progress=update, download_progress=not quiet)
+        result = library.convert(source, output, opts, progress=update, download_progress=not quiet, mmproj=mmproj)
     if result.verified_with:
         notice(f"verified: {output} loads with -b {result.verified_with} and runs")
     weights = [f for f in result.files if f.endswith(".safetensors")]

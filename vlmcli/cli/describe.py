@@ -39,6 +39,7 @@ def describe(
         ),
     ] = None,
     model: options.Model = options.DEFAULT_MODEL,
+    mmproj: options.Mmproj = None,
     backend: options.BackendName = "auto",
     max_tokens: options.MaxTokens = 256,
     temperature: options.Temperature = 0.0,
@@ -85,7 +86,7 @@ def describe(
     total = len(images) + failed
     if not images:
         raise VlmError(f"{failed} of {total} images failed")
-    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels)
+    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels, mmproj=mmproj, images=True)
     if prompt is None:
         prompt = pipe.family.default_prompt or DEFAULT_PROMPT
 

@@ -21,6 +21,7 @@ def info(
         typer.Argument(metavar="MODEL", help="The model, as -m names it (either form; not both).", show_default=False),
     ] = None,
     model: options.Model = options.DEFAULT_MODEL,
+    mmproj: options.Mmproj = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -29,7 +30,7 @@ def info(
 
     state.quiet = quiet
     model = model_from(ctx, model_arg, model, "MODEL")
-    data = model_info(model, download_progress=not quiet)
+    data = model_info(model, download_progress=not quiet, mmproj=mmproj)
     if json_out:
         print(json.dumps(data, indent=2))
         return
@@ -37,12 +38,13 @@ def info(
     v, p, d, n = data["vision"], data["projector"], data["decoder"], data["parameters"]
     ckpt = data["checkpoint"]
     out.print(f"[bold]{data['model']}[/]  {data['family']} ({data['model_type']})")
-    out.print(
-        f"  vision     {v['type']}: {v['image_size']} px, patch {v['patch_size']}, width {v['width']}, "
-        f"{v['layers_used']} of {v['layers']} layers used, features from layer(s) "
-        f"{', '.join(map(str, v['feature_layers']))} ({v['select_strategy']})  {human_count(n['vision'])} params"
-    )
-    out.print(f"  projector  {p['type']} ({p['activation']}), {p['in']} -> {p['out']}  {human_count(n['projector'])} params")
+    if v is not None:
+        out.print(
+            f"  vision     {v['type']}: {v['image_size']} px, patch {v['patch_size']}, width {v['width']}, "
+            f"{v['layers_used']} of {v['layers']} layers used, features from layer(s) "
+            f"{', '.join(map(str, v['feature_layers']))} ({v['select_strategy']})  {human_count(n['vision'])} params"
+        )
+        out.print(f"  projector  {p['type']} ({p['activation']}), {p['in']} -> {p['out']}  {human_count(n['projector'])} params")
     tied = ", tied embeddings" if d["tied_embeddings"] else ""
     out.print(
         f"  decoder    {d['type']}: {d['layers']} layers, width {d['width']}, {d['heads']} heads / "
@@ -54,6 +56,8 @@ def info(
         f"  checkpoint {ckpt['format']}, {human_bytes(ckpt['bytes'])} in {ckpt['files']} file"
         f"{'s' if ckpt['files'] != 1 else ''}"
     )
+    for part, types in ckpt.get("gguf_types", {}).items():  # a GGUF pair: how each part is stored
+        out.print(f"    {part:<10} " + ", ".join(f"{n} {t}" for t, n in types.items()) + " tensors")
     table = Table(title="estimated memory: weights, and KV cache per 1,000 tokens", title_justify="left")
     for column, justify in (("backend", "left"), ("runs as", "left"), ("weights", "right"), ("KV cache", "right"), ("here", "left")):
         table.add_column(column, justify=justify)

@@ -71,6 +71,17 @@ MinPixels = Annotated[
         help="Fewest pixels an image is resized to (Qwen2-VL, Qwen2.5-VL); small images are scaled up to it.",
     ),
 ]
+Mmproj = Annotated[
+    Optional[str],
+    typer.Option(
+        "--mmproj",
+        metavar="FILE",
+        envvar="VLM_MMPROJ",
+        show_envvar=True,
+        help="The vision projector GGUF that goes with a GGUF model (llama.cpp's --mmproj).",
+        show_default=False,
+    ),
+]
 MaxImagePixels = Annotated[
     Optional[int],
     typer.Option(

@@ -28,7 +28,7 @@ import re
 from typing import Any
 
 from vlmcli.errors import CheckpointError, UnsupportedModelError
-from vlmcli.gguf.reader import GGUFFile
+from vlmcli.gguf.reader import GGUFFile, short_float
 
 _PREFIX = "vision_tower.vision_model."
 _TOP = {
@@ -85,7 +85,7 @@ def vision_config(file: GGUFFile, text: dict[str, Any]) -> dict[str, Any]:
         "num_attention_heads": int(need("attention.head_count")),
         "image_size": int(need("image_size")),
         "patch_size": int(need("patch_size")),
-        "layer_norm_eps": float(file.get("clip.vision.attention.layer_norm_epsilon", 1e-5)),
+        "layer_norm_eps": short_float(file.get("clip.vision.attention.layer_norm_epsilon", 1e-5)),
         "hidden_act": "gelu" if file.get("clip.use_gelu") else "quick_gelu",
     }
     layers = file.get("clip.vision.feature_layer")
@@ -128,8 +128,8 @@ def image_processor(file: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
         "do_center_crop": True, "crop_size": {"height": size, "width": size},
         "do_rescale": True, "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [float(v) for v in file.require("clip.vision.image_mean")],
-        "image_std": [float(v) for v in file.require("clip.vision.image_std")],
+        "image_mean": [short_float(v) for v in file.require("clip.vision.image_mean")],
+        "image_std": [short_float(v) for v in file.require("clip.vision.image_std")],
         "do_convert_rgb": True, "resample": 3,
     }
     if "image_grid_pinpoints" in cfg:

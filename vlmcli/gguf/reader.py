@@ -39,7 +39,29 @@ _STRING, _ARRAY = 8, 9
 
 # Weights vlm reads: kept as stored (float) or dequantized with gguf.quants (the rest).
 FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+def quant_types() -> tuple[str, ...]:
+    """The block formats gguf.quants can decode (Q8_0, Q4_0, Q4_1, Q5_*, the K-quants, the IQ types ...)."""
+    from gguf.quants import _type_traits
+
+    return tuple(sorted(t.name for t in _type_traits if t.name not in FLOAT_TYPES))
+
+
+def check_readable(file: "GGUFFile", name: str) -> None:
+    kind = file.tensors[name].type_name
+    if kind not in FLOAT_TYPES and kind not in quant_types():
+        raise UnsupportedModelError(
+            f"{file.path.name}: tensor '{name}' is stored as {kind}, which vlm cannot read "
+            f"(it reads F32, F16, BF16 and {', '.join(q for q in quant_types() if q[0] == 'Q')} among others)"
+        )
+
+
+def short_float(value: float) -> float:
+    """A float32 from the metadata as the decimal it was written from: GGUF stores
+    rms_norm_eps 1e-5 as 9.99999974e-06, and the shortest decimal that is the same float32
+    gives the original back (the config's value, bit for bit)."""
+    return float(str(np.float32(value)))
 
 
 @dataclass(frozen=True)
@@ -145,11 +167,7 @@ class GGUFFile:
         """The tensor as stored for float types (a map of the file's bytes where large),
         else dequantized to float32 by gguf.quants, in torch order."""
         info = self.tensors[name]
-        if info.type_name not in FLOAT_TYPES and info.type_name not in QUANT_TYPES:
-            raise UnsupportedModelError(
-                f"{self.path.name}: tensor '{name}' is {info.type_name}, which vlm does not read "
-                f"(supported: {', '.join(list(FLOAT_TYPES) + list(QUANT_TYPES))})"
-            )
+        check_readable(self, name)
         from vlmcli.checkpoint import _OWN_MAP_BYTES, _map_tensor
 
         with open(self.path, "rb") as f:

@@ -32,7 +32,7 @@ import torch
 from vlmcli.errors import CheckpointError, UsageError
 from vlmcli.gguf import mmproj as mm
 from vlmcli.gguf import text
-from vlmcli.gguf.reader import FLOAT_TYPES, GGUFFile
+from vlmcli.gguf.reader import FLOAT_TYPES, GGUFFile, check_readable
 from vlmcli.gguf.tokenizer import build_tokenizer
 
 MARKER = "gguf_files.json"
@@ -63,6 +63,24 @@ def _architecture(path: Path) -> str | None:
         return GGUFFile(path).architecture
     except CheckpointError:
         return None
+
+
+def require_vision(ref: str, mmproj: str | None) -> None:
+    """A GGUF model given without its mmproj, where the command needs images: one line, now."""
+    if mmproj is not None:
+        return
+    local = Path(ref).expanduser()
+    if is_gguf(local) and local.is_file():
+        model = local
+    elif local.is_dir() and not (local / "config.json").exists() and any(is_gguf(p) for p in local.iterdir()):
+        model, found = find_pair(local)
+        if found is not None:
+            return
+    else:
+        return
+    raise CheckpointError(
+        f"{model.name} is a language model only; images need its vision projector: add --mmproj MMPROJ.gguf"
+    )
 
 
 _presented: dict[tuple, Path] = {}
@@ -164,6 +182,8 @@ class GGUFWeights:
                 hf = mm.hf_name(self.mmproj, name)
                 if hf is not None:
                     self.names[hf] = (self.mmproj, name)
+        for file, name in self.names.values():  # an unreadable type fails before anything loads
+            check_readable(file, name)
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """HF name -> (shape, dtype as the loader will receive it: quantized types arrive as F32)."""

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vlmcli.errors import UnsupportedModelError
-from vlmcli.gguf.reader import GGUFFile
+from vlmcli.gguf.reader import GGUFFile, short_float
 
 # general.architecture -> the Hugging Face model_type of its decoder
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "gemma": "gemma"}
@@ -87,8 +87,8 @@ def text_config(file: GGUFFile) -> dict[str, Any]:
         "num_key_value_heads": int(n_kv),
         "head_dim": int(key("attention.key_length", d_model // n_heads)),
         "max_position_embeddings": int(key("context_length", 2048)),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": short_float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": short_float(key("rope.freq_base", 10000.0)),
         "vocab_size": int(key("vocab_size", len(tokens))) or len(tokens),
         "tie_word_embeddings": "output.weight" not in file.tensors,
     }
@@ -96,7 +96,7 @@ def text_config(file: GGUFFile) -> dict[str, Any]:
     if scaling not in (None, "none"):
         if scaling != "linear":
             raise UnsupportedModelError(f"{file.path.name}: RoPE scaling '{scaling}' is not supported (supported: linear)")
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor", 1.0))}
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": short_float(key("rope.scaling.factor", 1.0))}
     for name, meta in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
         value = file.get(f"tokenizer.ggml.{meta}")
         if value is not None:
