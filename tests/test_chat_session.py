@@ -166,6 +166,7 @@ def test_transcript_names_images_by_path(pipe, test_image, tmp_path, monkeypatch
     }
 
 
+@pytest.mark.slow
 def test_real_model_remembers_earlier_turns(smollm2_llava):
     pipe = Pipeline.load(str(smollm2_llava), "cpu")
     session = ChatSession(pipe, SamplingOptions(max_new_tokens=20))

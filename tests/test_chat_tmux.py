@@ -73,6 +73,7 @@ class Terminal:
         subprocess.run([*self.tmux, "kill-server"], capture_output=True)
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal(smollm2_llava, test_image, tmp_path):
     state = tmp_path / "state"
     transcript = tmp_path / "chat.json"

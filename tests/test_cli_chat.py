@@ -23,6 +23,7 @@ def chat(capsys, monkeypatch, lines, *args):
     return code, out, err
 
 
+@pytest.mark.slow
 def test_scripted_chat_with_a_real_model(capsys, monkeypatch, smollm2_llava):
     code, out, err = chat(
         capsys, monkeypatch, "What is the capital of France?\n\nAnd of Germany?\n", "-m", smollm2_llava, "-q"

@@ -20,6 +20,7 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 def test_compiled_step_gives_eager_tokens_without_recompiling(llava_ckpt, test_image):
     import torch._dynamo
 

@@ -338,6 +338,7 @@ def _kill_convert_when(llava_ckpt, out, seen_tmp_files: int) -> None:
         proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("files_before_kill", [0, 3, 12])
 def test_sigkill_leaves_no_output_or_a_complete_one(llava_ckpt, tmp_path, files_before_kill):
     """A convert killed outright (no cleanup can run) never leaves a half-written OUTPUT."""

@@ -103,6 +103,7 @@ def _report(backend: str) -> eval_demo.Report:
     return _REPORTS[backend]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", sorted(THRESHOLDS))
 def test_caption_accuracy_on_held_out_scenes(backend):
     report = _report(backend)

@@ -538,6 +538,7 @@ def test_stop_filter_holds_back_possible_starts():
 # ---------------------------------------------------------------------------- lifecycle
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_running_requests_and_exits_0(tmp_path):
     """Anywhere but loopback without a key: a warning. SIGTERM with a request running: the
     request is answered, new connections are refused, exit 0."""
