@@ -18,6 +18,7 @@ qtype is F32 (the script always writes F16; F32 keeps the exact comparison exact
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,18 @@ import torch
 
 # llama.cpp's llama_token_type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+
+
+def llama_cpp_permute(weights: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes it (not vlm's code:
+    the tests check vlm's inverse against it)."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -36,30 +49,77 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _add(writer, name: str, tensor: torch.Tensor, qtype: str) -> None:
-    """A tensor in `qtype` where its rows are whole blocks of it, else F32 (as llama.cpp
-    falls back for rows it cannot quantize)."""
+def stored_type(tensor: torch.Tensor, qtype: str) -> str:
+    """The type a tensor is written in: `qtype` where its rows are whole blocks of it, else
+    F32 (as llama.cpp falls back for rows it cannot quantize); 1-D tensors always F32."""
     import gguf
 
+    if qtype == "F32" or tensor.ndim < 2:
+        return "F32"
+    if qtype in ("F16", "BF16"):
+        return qtype
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
+    return "F32" if tensor.shape[-1] % block else qtype
+
+
+def as_read_back(tensor: torch.Tensor, qtype: str) -> torch.Tensor:
+    """What a reader gets back for `tensor` written by _add with `qtype` (float32)."""
+    import gguf
+
+    kind = stored_type(tensor, qtype)
+    data = tensor.detach().float()
+    if kind == "F32":
+        return data
+    if kind == "F16":
+        return data.half().float()
+    q = gguf.GGMLQuantizationType[kind]
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(data.numpy(), q), q)).reshape(data.shape)
+
+
+# HF key -> the qtype each writer passed for it (filled as files are written), so a test can
+# build the checkpoint "as the GGUF stores it" (roundtrip_checkpoint)
+WRITTEN_AS: dict[str, str] = {}
+
+
+def _add(writer, name: str, tensor: torch.Tensor, qtype: str, key: str | None = None) -> None:
+    import gguf
+
+    if key is not None:
+        WRITTEN_AS[key] = qtype
     data = tensor.detach().float().numpy()
-    if qtype == "F32" or data.ndim < 2:
+    kind = stored_type(tensor, qtype)
+    if kind == "F32":
         writer.add_tensor(name, data.astype(np.float32))
-        return
-    if qtype == "F16":
+    elif kind == "F16":
         writer.add_tensor(name, data.astype(np.float16))
-        return
-    kind = gguf.GGMLQuantizationType[qtype]
-    block = gguf.GGML_QUANT_SIZES[kind][0]
-    if data.shape[-1] % block:
-        writer.add_tensor(name, data.astype(np.float32))
-        return
-    writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+    else:
+        q = gguf.GGMLQuantizationType[kind]
+        writer.add_tensor(name, gguf.quants.quantize(data, q), raw_dtype=q)
 
 
-def write_language_model(hf_folder: Path, path: Path, qtype: str = "F32", arch_name: str = "llama") -> Path:
+def roundtrip_checkpoint(hf_folder: Path, out: Path, qtype: str) -> Path:
+    """A copy of `hf_folder` whose tensors are what write_llava_gguf(qtype) stores, read
+    back (quantized and dequantized): vlm on it and on the GGUF pair must agree exactly."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(hf_folder, out)
+    write_llava_gguf(hf_folder, out / ".gguf", qtype)  # fills WRITTEN_AS for these keys
+    shutil.rmtree(out / ".gguf")
+    state = {k: as_read_back(v, WRITTEN_AS.get(k, "F32")) for k, v in _state(hf_folder).items()}
+    for shard in out.glob("*.safetensors"):
+        shard.unlink()
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def write_language_model(
+    hf_folder: Path, path: Path, qtype: str = "F32", arch_name: str = "llama", merges: bool = True,
+    raw: dict | None = None,
+) -> Path:
+    """merges=False: no tokenizer.ggml.merges, as SentencePiece Llama files have (the
+    merges are then recovered from the scores). raw: GGUF name -> (ggml type name, its
+    shape): that tensor written as zero bytes of that type instead (a bad-input test)."""
     import gguf
-
-    from vlmcli.gguf.text import permute_rope
 
     config = json.loads((hf_folder / "config.json").read_text())
     text = config.get("text_config", config)
@@ -109,8 +169,8 @@ def write_language_model(hf_folder: Path, path: Path, qtype: str = "F32", arch_n
     w.add_token_list(tokens)
     w.add_token_scores([-float(i) for i in range(len(tokens))])
     w.add_token_types(types)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w.add_token_merges(merges)
+    if merges:
+        w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
     for key, setter in (("bos_token", w.add_bos_token_id), ("eos_token", w.add_eos_token_id),
                         ("unk_token", w.add_unk_token_id), ("pad_token", w.add_pad_token_id)):
         if tok_cfg.get(key) is not None:
@@ -133,20 +193,27 @@ def write_language_model(hf_folder: Path, path: Path, qtype: str = "F32", arch_n
     for key, tensor in state.items():
         if key == "language_model.lm_head.weight":
             if not text.get("tie_word_embeddings", config.get("tie_word_embeddings")):
-                _add(w, "output.weight", tensor, qtype)
+                _add(w, "output.weight", tensor, qtype, key)
             continue
         if not key.startswith(prefix):
             continue
         rest = key[len(prefix):]
         if rest in lm_names:
-            _add(w, lm_names[rest], tensor, qtype)
+            _add(w, lm_names[rest], tensor, qtype, key)
             continue
         _, i, part = rest.split(".", 2)
         if arch_name == "llama" and part == "self_attn.q_proj.weight":
-            tensor = permute_rope(tensor, heads)
+            tensor = llama_cpp_permute(tensor, heads, heads)
         elif arch_name == "llama" and part == "self_attn.k_proj.weight":
-            tensor = permute_rope(tensor, kv)
-        _add(w, f"blk.{i}.{block[part]}", tensor, qtype)
+            tensor = llama_cpp_permute(tensor, heads, kv)
+        name = f"blk.{i}.{block[part]}"
+        if raw and name in raw:
+            kind, shape = gguf.GGMLQuantizationType[raw[name][0]], raw[name][1]
+            block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
+            data = np.zeros((*shape[:-1], shape[-1] // block_size * type_size), dtype=np.uint8)
+            w.add_tensor(name, data, raw_dtype=kind)  # data is the byte shape; the writer derives the rest
+            continue
+        _add(w, name, tensor, qtype, key)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -197,13 +264,13 @@ def write_mmproj(hf_folder: Path, path: Path, qtype: str = "F32") -> Path:
     for key, tensor in state.items():
         if key.startswith("multi_modal_projector."):
             layer, kind = key.split(".")[1:]
-            _add(w, f"mm.{0 if layer == 'linear_1' else 2}.{kind}", tensor, proj_qtype)
+            _add(w, f"mm.{0 if layer == 'linear_1' else 2}.{kind}", tensor, proj_qtype, key)
             continue
         if not key.startswith(prefix):
             continue
         rest = key[len(prefix):].removeprefix("vision_model.")
         if rest in names:
-            _add(w, names[rest], tensor, "F32" if qtype == "F32" or tensor.ndim < 4 else "F16")
+            _add(w, names[rest], tensor, "F32" if qtype == "F32" or tensor.ndim < 4 else "F16", key)
             continue
         if not rest.startswith("encoder.layers."):
             continue  # post_layernorm: the script drops it for LLaVA
@@ -211,7 +278,7 @@ def write_mmproj(hf_folder: Path, path: Path, qtype: str = "F32") -> Path:
         if int(i) >= kept:
             continue
         module, kind = part.rsplit(".", 1)
-        _add(w, f"v.blk.{i}.{block[module]}.{kind}", tensor, proj_qtype)
+        _add(w, f"v.blk.{i}.{block[module]}.{kind}", tensor, proj_qtype, key)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -134,8 +134,3 @@ def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
-
-def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf's LlamaModel.permute (what tests write GGUF files with)."""
-    rows = w.shape[0]
-    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

