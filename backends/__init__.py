@@ -6,11 +6,16 @@
     cuda       fp16 on the GPU              bf16       bf16 on the GPU (alias: cuda-bf16)
     int8       bitsandbytes LLM.int8        options: threshold=T (default 6), all, device=cpu|cuda
     int4       bitsandbytes 4-bit           options: nf4 (default) | fp4, dq, all, device=cpu|cuda
+    q8         int8 weights on the CPU      options: lm_head, all   (PyTorch's int8 kernel)
+    q4         int4 weights on the CPU      options: group=32|64|128|256 (default 32), lm_head, all
 
 Options follow a colon, separated by commas: `-b int4:fp4,dq`, `-b int8:threshold=4`.
 `dq` is double quantization (the per-block scales quantized too, ~0.4 bit less per weight);
 `all` also quantizes the vision tower, projector and lm_head. The bitsandbytes backends run
 on the GPU when there is one, else on the CPU (slowly: it is for checking, not for speed).
+q8 and q4 are the fast CPU ones (backends/weight_only.py): weight-only int8 per channel and
+int4 in groups, quantized while loading; `lm_head` quantizes lm_head too (a small model's
+largest product), `all` everything.
 
 A backend that cannot run here (no GPU, no bf16 on this GPU, no bitsandbytes, fp16 on the
 CPU) is refused with the reason before anything is read or downloaded.
@@ -24,6 +29,8 @@ from backends.base import Backend
 from backends.bnb import BnbBackend, Int4Backend, Int8Backend, bnb_unavailable_reason, from_options
 from backends.cpu import CpuBackend, CpuBf16Backend, CpuFp16Backend
 from backends.cuda import CudaBackend, CudaBf16Backend
+from backends.weight_only import Q4Backend, Q8Backend, WeightOnlyBackend
+from backends.weight_only import from_options as weight_only_from_options
 from vlmcli.errors import UsageError
 from vlmcli.quantization import Quantization
 
@@ -31,9 +38,10 @@ _DENSE: dict[str, type] = {
     cls.name: cls for cls in (CpuBackend, CpuBf16Backend, CpuFp16Backend, CudaBackend, CudaBf16Backend)
 }
 _BNB: dict[str, type[BnbBackend]] = {Int8Backend.name: Int8Backend, Int4Backend.name: Int4Backend}
+_WEIGHT_ONLY: dict[str, type[WeightOnlyBackend]] = {Q8Backend.name: Q8Backend, Q4Backend.name: Q4Backend}
 _ALIASES = {"bf16": "cuda-bf16", "fp16": "cuda"}
 # What help and error messages list (cpu-fp16 and the aliases work but are not advertised).
-LISTED = ("auto", "cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4")
+LISTED = ("auto", "cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4", "q8", "q4")
 
 
 def names() -> list[str]:
@@ -64,6 +72,8 @@ def build(spec: str, checkpoint: Quantization | None = None) -> Backend:
         return _auto(checkpoint)
     if name in _BNB:
         return from_options(_BNB[name], options, checkpoint)
+    if name in _WEIGHT_ONLY:
+        return weight_only_from_options(_WEIGHT_ONLY[name], options, checkpoint)
     if name in _DENSE:
         if options:
             raise UsageError(f"backend '{name}' takes no options")

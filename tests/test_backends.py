@@ -39,7 +39,7 @@ def test_parse_spec(spec, expected):
 
 
 def test_names_listed_in_help_order():
-    assert backends.names() == ["auto", "cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4"]
+    assert backends.names() == ["auto", "cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4", "q8", "q4"]
 
 
 @pytest.mark.parametrize(

@@ -203,20 +203,27 @@ def _fill(
     # A backend that keeps every weight plain gets q/k/v and gate/up as one fused weight
     # each, concatenated from the stored tensors: one copy into its layout, where fusing
     # after the fact copies each weight three times (SmolLM2 LLaVA: 0.45 s of a 1.3 s load).
-    groups = _fuse_groups(model) if isinstance(backend, DenseBackend) else {}
+    # So does a quantizing backend that asks for it (fuses_projections: backends/weight_only.py).
+    fuse = isinstance(backend, DenseBackend) or getattr(backend, "fuses_projections", False)
+    groups = _fuse_groups(model) if fuse else {}
     arrived: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
     done, total = 0, plan.n_tensors
     for key, tensor in iter_tensors(files):
         if key in plan.params:
             name = plan.params[key]
             module_name, _, attr = name.rpartition(".")  # "" is the model itself (image_newline)
-            if name == TIED_EMBEDDING and model.cfg.text.tie_word_embeddings:
+            tied = name == TIED_EMBEDDING and model.cfg.text.tie_word_embeddings
+            # a backend that quantizes lm_head gives it its own quantized copy (tied_head)
+            head = backend.tied_head(tensor) if tied and hasattr(backend, "tied_head") else None
+            if tied and head is None:
                 # lm_head is built from the stored tensor in one copy (never quantized: the
                 # embedding needs the plain matrix) and the embedding reads its rows.
                 model.decoder.tie_weights(dense_linear(tensor, None, backend.device, backend.dtype))
             else:
                 module = model.get_submodule(module_name)
                 module._parameters[attr] = nn.Parameter(backend.place(name, tensor), requires_grad=False)
+                if head is not None:
+                    model.decoder.lm_head = head
         elif key in owner:
             module_name, part = owner[key]
             lp = plan.linears[module_name]
@@ -231,7 +238,7 @@ def _fill(
                     parts[module_name] = (got["weight"], bias)
                     if len(parts) == len(group.parts):
                         del arrived[group.name]
-                        group.fuse(backend, [parts[m] for m in group.parts])
+                        group.fuse(backend, [parts[m] for m in group.parts], family.keep_dense(group.parts[0]))
                 else:
                     weight = got["weight"] if lp.format == "dense" else QuantizedWeight(lp.format, lp.shape, got, module_name)
                     layer = backend.make_linear(module_name, weight, bias, keep_dense=family.keep_dense(module_name))
@@ -258,10 +265,13 @@ class FuseGroup:
     parts: list[str]  # the layers' names, in output order
     install: Callable[[nn.Module], None]  # the block's fuse_qkv / fuse_gate_up
 
-    def fuse(self, backend: Backend, tensors: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    def fuse(
+        self, backend: Backend, tensors: list[tuple[torch.Tensor, torch.Tensor | None]], keep_dense: bool | None = True
+    ) -> None:
+        """keep_dense: the parts' word (one family rule covers a block's projections)."""
         weight = torch.cat([w for w, _ in tensors])
         bias = None if tensors[0][1] is None else torch.cat([b for _, b in tensors])
-        self.install(backend.make_linear(self.name, weight, bias, keep_dense=True))
+        self.install(backend.make_linear(self.name, weight, bias, keep_dense=keep_dense))
 
 
 def _fuse_groups(model: VisionLanguageModel) -> dict[str, FuseGroup]:
@@ -305,7 +315,7 @@ def _fuse_projections(model: VisionLanguageModel, backend: Backend) -> None:
 def _fused(backend: Backend, name: str, layers: list[nn.Module]) -> nn.Module | None:
     """One layer whose output is the outputs of `layers` side by side, or None when any of
     them is not a plain dense layer (bitsandbytes layers stay as they are)."""
-    weights = [layer.weight for layer in layers]
+    weights = [getattr(layer, "weight", None) for layer in layers]  # weight-only layers have none
     plain = (torch.Tensor, nn.Parameter)
     if not all(type(w) in plain and w.dtype.is_floating_point and not w.is_meta for w in weights):
         return None
