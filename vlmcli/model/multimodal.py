@@ -70,7 +70,7 @@ class VisionLanguageModel(nn.Module):
         # past vocab_size); embed them as 0 since they are overwritten anyway.
         is_image = input_ids == self.cfg.image_token_id
         embeds = self.decoder.embed_tokens(input_ids.masked_fill(is_image, 0))
-        flat = _flatten(visual_tokens)
+        flat = flatten_visual(visual_tokens)
         n_slots = int(is_image.sum())
         n_visual = 0 if flat is None else flat.shape[0]
         if n_slots != n_visual:
@@ -133,7 +133,7 @@ class VisionLanguageModel(nn.Module):
         return self.cfg.text.rope.rope_type != "dynamic"
 
 
-def _flatten(visual: VisualTokens | None) -> torch.Tensor | None:
+def flatten_visual(visual: VisualTokens | None) -> torch.Tensor | None:
     """Visual tokens in placeholder order as one (n, d) tensor."""
     if visual is None:
         return None
