@@ -14,7 +14,7 @@ from typing import Iterator
 import typer
 
 from vlmcli import __version__
-from vlmcli.cli import bench, chat, common, convert, describe, help, info, serve
+from vlmcli.cli import batch, bench, chat, common, convert, describe, help, info, serve
 from vlmcli.cli.console import err_console, state
 from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_TERMINATED, VlmError
 
@@ -48,6 +48,7 @@ def _root(
 
 
 app.command("describe")(describe.describe)
+app.command("batch")(batch.batch)
 app.command("chat")(chat.chat)
 app.command("convert")(convert.convert)
 app.command("info")(info.info)

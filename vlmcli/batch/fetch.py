@@ -1,0 +1,102 @@
+"""A row's image bytes, read ahead of the model.
+
+Reading is what stalls a batch job (a network fetch, an object store, a cold disk), so a
+background thread reads the next few rows while the model describes this one; a bounded
+queue keeps at most `depth` images in memory, whatever the size of the collection. Decoding
+stays with the model's call (`Pipeline.describe` takes bytes), so a decode error is the same
+error `vlm describe` reports for that file.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from vlmcli import inputs
+from vlmcli.batch.sources import Row, filesystem_for, is_uri
+from vlmcli.errors import ImageError, VlmError
+
+READ_AHEAD = 4  # images read before the model asks for them
+
+
+def fetch(row: Row, *, max_bytes: int = inputs.MAX_DOWNLOAD_BYTES) -> inputs.ImageInput:
+    """The row's image as bytes, named by where it was read; an ImageError if it cannot be read."""
+    if row.error is not None:
+        raise ImageError(row.error, kind=row.error_type or "unreadable")
+    where = row.location
+    if inputs.is_url(where):
+        return inputs.ImageInput(where, inputs.fetch_url(where, max_bytes=max_bytes))
+    if is_uri(where):
+        return inputs.ImageInput(where, _read_uri(where, max_bytes))
+    path = Path(where)
+    try:
+        return inputs.ImageInput(where, path.read_bytes())
+    except OSError:
+        # the file's own reader words it as `vlm describe` does (no such file, a directory,
+        # permission denied)
+        from vlmcli.preprocess import probe_image
+
+        probe_image(path, name=where)
+        raise ImageError(f"cannot read image '{where}'") from None
+
+
+def _read_uri(uri: str, max_bytes: int) -> bytes:
+    try:
+        fs, path = filesystem_for(uri)
+        with fs.open_input_stream(path) as f:
+            data = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise ImageError(f"cannot read image '{uri}': no such file", kind="missing") from None
+    except VlmError as e:
+        raise ImageError(str(e), kind="fetch_failed") from None
+    except Exception as e:  # pyarrow's errors (ArrowIOError is an OSError; others are not)
+        raise ImageError(f"cannot read image '{uri}': {e}", kind="fetch_failed") from None
+    if len(data) > max_bytes:
+        raise ImageError(f"cannot read image '{uri}': it is larger than {max_bytes} bytes", kind="too_large")
+    return data
+
+
+def read_ahead(rows: Iterable[Row], depth: int = READ_AHEAD) -> Iterator[tuple[Row, inputs.ImageInput | ImageError]]:
+    """(row, its bytes or why not) in the order of `rows`, read by a background thread up to
+    `depth` rows ahead. Closing the iterator stops the thread."""
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        try:
+            for row in rows:
+                try:
+                    item = (row, fetch(row))
+                except ImageError as e:
+                    item = (row, e)
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # a bug in reading: raised again where the rows are taken
+            put(e)
+
+    thread = threading.Thread(target=reader, name="vlm-batch-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=1.0)  # a daemon: a fetch still waiting on the network ends with the process
