@@ -139,7 +139,11 @@ def write_language_model(
     w.add_feed_forward_length(text["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv)
-    w.add_rope_dimension_count(text["hidden_size"] // heads)
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != text["hidden_size"] // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_rope_freq_base(float(text.get("rope_parameters", {}).get("rope_theta", text.get("rope_theta", 10000.0))))
     w.add_layer_norm_rms_eps(text["rms_norm_eps"])
     w.add_vocab_size(text["vocab_size"])
@@ -179,7 +183,8 @@ def write_language_model(
     if template is not None:
         w.add_chat_template(template)
 
-    prefix = "language_model.model."
+    # a LLaVA checkpoint's decoder, or a causal LM's (Qwen2ForCausalLM, GemmaForCausalLM)
+    prefix, head = ("language_model.model.", "language_model.lm_head.weight") if "text_config" in config else ("model.", "lm_head.weight")
     lm_names = {
         "embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
     }
@@ -189,9 +194,13 @@ def write_language_model(
         "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
         "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
         "mlp.down_proj.weight": "ffn_down.weight",
+        "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
     }
     for key, tensor in state.items():
-        if key == "language_model.lm_head.weight":
+        if arch_name == "gemma" and key.endswith("norm.weight"):
+            tensor = tensor + 1  # convert_hf_to_gguf's GemmaModel: llama.cpp's norm multiplies by w
+        if key == head:
             if not text.get("tie_word_embeddings", config.get("tie_word_embeddings")):
                 _add(w, "output.weight", tensor, qtype, key)
             continue

@@ -393,3 +393,71 @@ def test_missing_files_are_usage_errors(tmp_path, capsys):
     assert code == 2 and "the model file" in err and "nope.gguf does not exist" in err
     code, _, err = run(capsys, "info", "demo", "--mmproj", tmp_path / "x.gguf")
     assert code == 2 and "--mmproj goes with a GGUF model (-m MODEL.gguf); 'demo' is not one" in err
+
+
+# ---- the other decoders: Qwen2 (biases, no q/k permutation) and Gemma (norms stored + 1) -------
+
+
+def _causal_lm(kind: str, folder, tokenizer_from):
+    """A tiny random Qwen2ForCausalLM / GemmaForCausalLM saved by transformers, with the
+    tiny LLaVA's tokenizer files."""
+    transformers = pytest.importorskip("transformers")
+    from tests.checkpoints import DEFAULT_WEIGHT_SCALE, randomize_weights_
+
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**common, tie_word_embeddings=False)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.GemmaConfig(**common, head_dim=24, tie_word_embeddings=True, pad_token_id=0)
+        model = transformers.GemmaForCausalLM(config)
+    randomize_weights_(model, DEFAULT_WEIGHT_SCALE, seed=7)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_from / name, folder / name)
+    return model.eval()
+
+
+def _logits(pipe, ids):
+    with torch.inference_mode():
+        cache = pipe.model.new_cache(len(ids) + 1)
+        return pipe.model.prefill(torch.tensor([ids]), None, cache)[0]
+
+
+IDS = [1, 300, 301, 42, 77, 400, 5, 260, 261, 262, 9, 480]
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
+def test_qwen2_gguf_as_transformers_reads_it(llava_ckpt, tmp_path, qtype):
+    """transformers' own GGUF loader on the same file is the judge."""
+    transformers = pytest.importorskip("transformers")
+    _causal_lm("qwen2", tmp_path / "hf", llava_ckpt)
+    path = write_language_model(tmp_path / "hf", tmp_path / f"qwen2-{qtype}.gguf", qtype, arch_name="qwen2")
+    pipe = Pipeline.load(str(path), "cpu")
+    assert pipe.config.text.qkv_bias and pipe.family.name == "Language model"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0, -1]
+    ours = _logits(pipe, IDS)
+    error = ((ours - expected).abs().max() / expected.abs().max()).item()
+    # measured 2.5e-7 (F32) and 3.2e-7 (Q8_0) of the logits' scale: float rounding only
+    assert error < 2e-6
+    # and the F32 file equals the checkpoint it was written from, bit for bit
+    if qtype == "F32":
+        assert torch.equal(ours, _logits(Pipeline.load(str(tmp_path / "hf"), "cpu"), IDS))
+
+
+def test_gemma_gguf_equals_its_checkpoint(llava_ckpt, tmp_path):
+    """Gemma's norms are stored plus one (and read back minus one); head_dim from key_length;
+    tied embeddings. transformers has no Gemma GGUF loader: the checkpoint is the judge."""
+    model = _causal_lm("gemma", tmp_path / "hf", llava_ckpt)
+    path = write_language_model(tmp_path / "hf", tmp_path / "gemma.gguf", "F32", arch_name="gemma")
+    pipe = Pipeline.load(str(path), "cpu")
+    assert (pipe.config.text.head_dim, pipe.config.text.tie_word_embeddings, pipe.config.text.norm_offset) == (24, True, 1.0)
+    ours = _logits(pipe, IDS)
+    with torch.no_grad():
+        expected = model(torch.tensor([IDS])).logits[0, -1]
+    error = ((ours - expected).abs().max() / expected.abs().max()).item()
+    # (w + 1) - 1 is w to within a float32 step: measured 3.6e-7 of the logits' scale
+    assert error < 2e-6

@@ -191,6 +191,23 @@ class GGUFFile:
         return torch.from_numpy(np.ascontiguousarray(dequantize(rows, GGMLQuantizationType[info.type_name])))
 
 
+_opened: dict[tuple, GGUFFile] = {}
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    """GGUFFile(path), parsed once per process while the file stays the same (a command
+    reads a pair's headers several times: to present it, plan the load, and load)."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _opened:
+        _opened[key] = GGUFFile(path)
+    return _opened[key]
+
+
 class _Cursor:
     """Reads the header's little-endian values in turn, naming the file when it ends early."""
 

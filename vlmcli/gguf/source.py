@@ -32,7 +32,7 @@ import torch
 from vlmcli.errors import CheckpointError, UsageError
 from vlmcli.gguf import mmproj as mm
 from vlmcli.gguf import text
-from vlmcli.gguf.reader import FLOAT_TYPES, GGUFFile, check_readable
+from vlmcli.gguf.reader import FLOAT_TYPES, GGUFFile, check_readable, open_gguf
 from vlmcli.gguf.tokenizer import build_tokenizer
 
 MARKER = "gguf_files.json"
@@ -60,7 +60,7 @@ def find_pair(folder: Path) -> tuple[Path, Path | None]:
 
 def _architecture(path: Path) -> str | None:
     try:
-        return GGUFFile(path).architecture
+        return open_gguf(path).architecture
     except CheckpointError:
         return None
 
@@ -94,15 +94,16 @@ def present(model: Path, mmproj: Path | None) -> Path:
         if path is not None and not path.is_file():
             raise UsageError(f"the {what} file {path} does not exist")
     key = tuple(str(p.resolve()) if p else None for p in (model, mmproj))
-    if key in _presented and (_presented[key] / MARKER).exists():
-        return _presented[key]
-    lm = GGUFFile(model)
+    stamp = key + tuple((p.stat().st_size, p.stat().st_mtime_ns) if p else None for p in (model, mmproj))
+    if stamp in _presented and (_presented[stamp] / MARKER).exists():
+        return _presented[stamp]
+    lm = open_gguf(model)
     text_cfg = text.text_config(lm)
     files = {"model": key[0], "mmproj": key[1]}
     image_token = None
     proj = None
     if mmproj is not None:
-        proj = GGUFFile(mmproj)
+        proj = open_gguf(mmproj)
         config = mm.vision_config(proj, text_cfg)
         image_token = IMAGE_TOKEN
     tokenizer, tok_config = build_tokenizer(lm, image_token=image_token)
@@ -112,7 +113,7 @@ def present(model: Path, mmproj: Path | None) -> Path:
                       tie_word_embeddings=text_cfg["tie_word_embeddings"])
     else:
         config = dict(text_cfg)
-    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:8]
     folder = _workdir() / f"{model.stem}-{digest}"
     folder.mkdir()
     _write_json(folder / "config.json", config)
@@ -131,7 +132,7 @@ def present(model: Path, mmproj: Path | None) -> Path:
         eos.append(eot)
     _write_json(folder / "generation_config.json", {"eos_token_id": eos})
     _write_json(folder / MARKER, files)  # last: the folder is complete once it is there
-    _presented[key] = folder
+    _presented[stamp] = folder
     return folder
 
 
@@ -220,8 +221,8 @@ def weights_of(folder: Path) -> GGUFWeights:
     """The GGUFWeights of a folder made by present()."""
     files = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model = GGUFFile(Path(files["model"]))
-    proj = GGUFFile(Path(files["mmproj"])) if files.get("mmproj") else None
+    model = open_gguf(Path(files["model"]))
+    proj = open_gguf(Path(files["mmproj"])) if files.get("mmproj") else None
     return GGUFWeights(model, proj, config)
 
 
