@@ -1,15 +1,19 @@
 """Side by side: vlm against transformers' `generate` on the same checkpoint, image and prompt.
 
-    python benchmarks/decode_speed.py [--model smollm2|default-size|PATH] [--backend cpu]
+    python benchmarks/decode_speed.py [--model smollm2|default-size|PATH] [--backend cpu]...
                                       [--tokens N] [--repeat R] [--json]
 
 --model: `smollm2` (default) is the engine issue's fixture, SmolLM2-135M-Instruct's real
 weights as the decoder of a LLaVA with a tiny CLIP; `default-size` is a random LLaVA the
 size of the CLI's default model (SigLIP-so400m-384 + Qwen2-0.5B, 729 image tokens; see
 tests/family_checkpoints.py). Both are built and cached on first use.
---backend: what vlm runs with, and what transformers is compared against:
+--backend: what vlm runs with (repeat it to run several side by side, e.g.
+`--backend cpu --backend q8 --backend q4`), and what transformers is compared against:
     cpu, cpu-bf16   transformers in fp32 (the issue's baseline for bf16 too); for cpu-bf16
                     vlm fp32 runs as well, to count how many greedy tokens bf16 keeps
+    q8, q4 (:opts)  transformers in fp32; vlm's weight-only CPU backends quantize while
+                    loading (backends/weight_only.py); vlm fp32 runs as well when not asked,
+                    to count how many greedy tokens each keeps
     int8, int4      the checkpoint converted once by `vlm convert` (int8 / nf4), which both
                     load: transformers reads its quantization_config, bitsandbytes' kernels
                     run in both
@@ -156,7 +160,7 @@ def main() -> None:
     parser.add_argument("--model")
     parser.add_argument("--image")
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--backend", default="cpu")
+    parser.add_argument("--backend", action="append", help="repeatable; default cpu")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", choices=["vlm", "transformers"], help=argparse.SUPPRESS)
@@ -164,25 +168,29 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.child:
         fn = run_vlm if args.child == "vlm" else run_transformers
-        print(json.dumps(fn(args.model, args.image, args.tokens, args.backend)))
+        print(json.dumps(fn(args.model, args.image, args.tokens, args.backend[0])))
         return
 
     from tests.checkpoints import write_test_image
 
-    model = resolve_model(args.model, args.backend)
+    specs = args.backend or ["cpu"]
+    if len(specs) > 1 and any(b.startswith("int") for b in specs):
+        parser.error("int8 / int4 run on a converted checkpoint: give them alone")
+    model = resolve_model(args.model, specs[0])
     image = args.image or str(write_test_image(Path("/tmp/vlm-bench.png"), size=(640, 480), seed=7))
-    plan = [("transformers", args.backend), ("vlm", args.backend)]
-    if args.backend == "cpu-bf16":
-        plan.append(("vlm", "cpu"))  # the fp32 tokens bf16 is compared with
+    plan = [("transformers", specs[0])] + [("vlm", b) for b in specs]
+    if any(b == "cpu-bf16" or b.startswith(("q8", "q4")) for b in specs) and "cpu" not in specs:
+        plan.append(("vlm", "cpu"))  # the fp32 tokens the others are compared with
     runs: dict[tuple[str, str], list[dict]] = {p: [] for p in plan}
     for _ in range(args.repeat):
         for which, backend in plan:
             runs[(which, backend)].append(_child(which, model, image, args.tokens, backend))
     rows = [_median(runs[p]) for p in plan]
     ref, ours = rows[0], rows[1]
+    fp32 = next((r for r in rows if r["impl"] == "vlm cpu"), None)
     result = {
         "model": model,
-        "backend": args.backend,
+        "backend": specs[0] if len(specs) == 1 else specs,
         "tokens": args.tokens,
         "repeat": args.repeat,
         "rows": rows,
@@ -191,7 +199,13 @@ def main() -> None:
         "rss_ratio": ours["peak_rss_mb"] / ref["peak_rss_mb"],
         "same_tokens_as_transformers": ref["tokens"] == ours["tokens"],
     }
-    if args.backend == "cpu-bf16":
+    result["vs_transformers"] = {
+        r["impl"]: {"decode_ratio": r["decode_tok_s"] / ref["decode_tok_s"], "ttft_ratio": r["ttft_ms"] / ref["ttft_ms"],
+                    "same_tokens": r["tokens"] == ref["tokens"],
+                    **({"vs_vlm_fp32": agreement(fp32["tokens"], r["tokens"])} if fp32 and r is not fp32 else {})}
+        for r in rows[1:]
+    }
+    if specs == ["cpu-bf16"]:
         result["bf16_vs_fp32"] = agreement(rows[2]["tokens"], ours["tokens"])
     if args.json:
         print(json.dumps(result))
@@ -202,6 +216,10 @@ def main() -> None:
         print(f"{r['impl']:28} {r['ttft_ms']:9.1f} {r['decode_tok_s']:13.2f} {r['peak_rss_mb']:12.0f}")
     print(f"\nvlm / transformers: decode {result['decode_ratio']:.2f}x, TTFT {result['ttft_ratio']:.2f}, "
           f"peak RSS {result['rss_ratio']:.2f}; same tokens: {result['same_tokens_as_transformers']}")
+    for impl, v in list(result["vs_transformers"].items())[1:]:
+        agree = v.get("vs_vlm_fp32")
+        kept = f"; greedy tokens vs vlm fp32: first {agree['common_prefix']} of {agree['of']} identical" if agree else ""
+        print(f"{impl} / transformers: decode {v['decode_ratio']:.2f}x, TTFT {v['ttft_ratio']:.2f}{kept}")
     if "bf16_vs_fp32" in result:
         a = result["bf16_vs_fp32"]
         print(f"bf16 vs fp32 greedy tokens: first {a['common_prefix']} identical, "

@@ -8,11 +8,11 @@ product with every Linear shape of a layer, times the layer count, plus lm_head,
     bf16            vlm's `cpu-bf16` backend
     bnb int8        bitsandbytes Linear8bitLt (LLM.int8, threshold 6): vlm's and transformers' `int8`
     bnb nf4         bitsandbytes Linear4bit (nf4, blocks of 64): vlm's and transformers' `int4`
-    torch int8      torch._weight_int8pack_mm (per-channel int8 weights, bf16 activations)
-    torch int4      torch._weight_int4pack_mm_for_cpu (int4 weights in groups of 64, bf16 activations)
-The last two are PyTorch's own weight-only kernels, which vlm does not use (their formats are
-not bitsandbytes', so a checkpoint quantized by bitsandbytes cannot run on them unchanged);
-this measures what a backend built on them would gain. Only the products are timed: the rest
+    q8              vlm's `q8` layer: torch._weight_int8pack_mm (per-channel int8, bf16 in/out)
+    q4 g32, q4 g64  vlm's `q4` layer: torch._weight_int4pack_mm_for_cpu (int4 in groups of 32
+                    (the default) or 64, bf16 in/out); see backends/weight_only.py
+The shapes are the fused ones vlm runs (q|k|v and gate|up as one product each: what the
+loader hands every backend but bitsandbytes'). Only the products are timed: the rest
 of a decode step (norms, RoPE, attention, sampling) comes on top. Weights are random; each
 shape is timed over enough distinct copies to stream from memory, not from cache.
 """
@@ -51,6 +51,7 @@ def _time(fn, copies: int) -> float:
 def _formats(n: int, k: int, copies: int) -> dict[str, float]:
     from backends.base import dense_linear
     from backends.bnb import Int4Backend, Int8Backend
+    from backends.weight_only import Q4Backend, Q8Backend
 
     gen = torch.Generator().manual_seed(0)
     dense = [torch.randn(n, k, generator=gen) * 0.02 for _ in range(copies)]
@@ -67,15 +68,9 @@ def _formats(n: int, k: int, copies: int) -> dict[str, float]:
     out["bnb int8"] = _time(lambda i: int8[i](x32), copies)
     nf4 = [Int4Backend(device="cpu").make_linear(name, w, None) for w in dense]
     out["bnb nf4"] = _time(lambda i: nf4[i](x32), copies)
-    w8 = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen) for _ in range(copies)]
-    s8 = torch.rand(n, dtype=torch.bfloat16, generator=gen)
-    out["torch int8"] = _time(lambda i: torch.ops.aten._weight_int8pack_mm(x16, w8[i], s8), copies)
-    packed = [
-        torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 2)
-        for _ in range(copies)
-    ]
-    sz = torch.rand(k // 64, n, 2, dtype=torch.bfloat16, generator=gen)
-    out["torch int4"] = _time(lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x16, packed[i], 64, sz), copies)
+    for label, backend in (("q8", Q8Backend()), ("q4 g32", Q4Backend(group=32)), ("q4 g64", Q4Backend(group=64))):
+        layers = [backend.make_linear(name, w, None) for w in dense]
+        out[label] = _time(lambda i: layers[i](x32), copies)
     return out
 
 
@@ -84,22 +79,22 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     args = parser.parse_args()
     d, ff, q, kv, n_layers, vocab = MODELS[args.model]
-    # per layer: q, k, v, o, gate, up, down
-    shapes = {(q, d): 1, (kv, d): 2, (d, q): 1, (ff, d): 2, (d, ff): 1}
+    # per layer: q|k|v, o, gate|up, down
+    shapes = {(q + 2 * kv, d): 1, (d, q): 1, (2 * ff, d): 1, (d, ff): 1}
     totals: dict[str, float] = {}
     for (n, k), count in shapes.items():
         copies = max(2, int(48e6 // (n * k * 4)))  # ~48 MB of fp32 per shape: out of cache
         for fmt, ms in _formats(n, k, copies).items():
             totals[fmt] = totals.get(fmt, 0.0) + ms * count * n_layers
         print(f"  {n}x{k} done", file=sys.stderr)
-    head = _formats(vocab, d, 2)
+    head = _formats(vocab, d, 2)  # the head with `-b q8:lm_head` / `-b q4:lm_head`
     print(f"{args.model}: {n_layers} layers, d_model {d}, d_ff {ff}; batch-1 products per decode step, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print(f"{'format':12} {'layers ms':>10} {'+ head ms':>10} {'bound tok/s':>12}   (head in the same format)")
     for fmt, ms in totals.items():
         step = ms + head[fmt]
         print(f"{fmt:12} {ms:10.2f} {head[fmt]:10.2f} {1000 / step:12.1f}")
-    print(f"\nlm_head kept in fp32, as vlm's int8/int4 backends do: {head['fp32']:.2f} ms")
+    print(f"\nlm_head kept in fp32, as vlm's int8/int4/q8/q4 backends do by default: {head['fp32']:.2f} ms")
 
 
 if __name__ == "__main__":

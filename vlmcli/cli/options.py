@@ -23,9 +23,10 @@ Model = Annotated[
     ),
 ]
 BACKEND_HELP = (
-    "Where and how to run: auto, cpu, cpu-bf16, cuda (fp16), bf16, int8, int4 (nf4); "
-    "bitsandbytes options after a colon, e.g. int4:fp4,dq or int8:threshold=4. auto: a "
-    "quantized model in its own format, else cuda when there is a GPU, else cpu."
+    "Where and how to run: auto, cpu, cpu-bf16, cuda (fp16), bf16, int8, int4 (nf4), "
+    "q8, q4 (fast int8 / int4 weights on the CPU); options after a colon, e.g. int4:fp4,dq, "
+    "int8:threshold=4, q4:group=64,lm_head. auto: a quantized model in its own format, else "
+    "cuda when there is a GPU, else cpu."
 )
 BackendName = Annotated[
     str,
