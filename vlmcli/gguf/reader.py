@@ -187,8 +187,17 @@ class GGUFFile:
         from gguf.constants import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        rows = raw.numpy().reshape(*info.shape[:-1], -1)
-        return torch.from_numpy(np.ascontiguousarray(dequantize(rows, GGMLQuantizationType[info.type_name])))
+        # In row blocks of ~8 MB of output: gguf.quants' numpy decoders make temporaries
+        # several times their output, which for a 7B model's embedding would be gigabytes.
+        qtype = GGMLQuantizationType[info.type_name]
+        width = info.shape[-1] if info.shape else 1
+        rows = raw.numpy().reshape(-1, info.nbytes // max(1, info.numel // width))
+        out = torch.empty(info.shape, dtype=torch.float32)
+        flat = out.view(-1, width)
+        step = max(1, (8 << 20) // (4 * width))
+        for i in range(0, rows.shape[0], step):
+            flat[i : i + step] = torch.from_numpy(dequantize(rows[i : i + step], qtype))
+        return out
 
 
 _opened: dict[tuple, GGUFFile] = {}
