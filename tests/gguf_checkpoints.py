@@ -261,6 +261,9 @@ def write_mmproj(hf_folder: Path, path: Path, qtype: str = "F32") -> Path:
     w.add_array("clip.vision.image_mean", pre["image_mean"])
     w.add_array("clip.vision.image_std", pre["image_std"])
     w.add_bool("clip.use_gelu", vision.get("hidden_act") == "gelu")
+    if config["model_type"] == "llava_next":  # llava_surgery_v2 + the script's NeXT keys
+        w.add_array("clip.vision.image_grid_pinpoints", [p for pair in config["image_grid_pinpoints"] for p in pair])
+        w.add_string("clip.vision.mm_patch_merge_type", "spatial_unpad")
 
     prefix = "vision_tower."
     names = {"embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight": "v.patch_embd.weight",
@@ -271,6 +274,9 @@ def write_mmproj(hf_folder: Path, path: Path, qtype: str = "F32") -> Path:
              "mlp.fc1": "ffn_down", "mlp.fc2": "ffn_up"}  # sic: the legacy script's naming
     proj_qtype = "F32" if qtype == "F32" else "F16"
     for key, tensor in state.items():
+        if key in ("image_newline", "model.image_newline"):
+            _add(w, "model.image_newline", tensor, "F32", key)
+            continue
         if key.startswith("multi_modal_projector."):
             layer, kind = key.split(".")[1:]
             _add(w, f"mm.{0 if layer == 'linear_1' else 2}.{kind}", tensor, proj_qtype, key)

@@ -461,3 +461,20 @@ def test_gemma_gguf_equals_its_checkpoint(llava_ckpt, tmp_path):
     error = ((ours - expected).abs().max() / expected.abs().max()).item()
     # (w + 1) - 1 is w to within a float32 step: measured 3.6e-7 of the logits' scale
     assert error < 2e-6
+
+
+def test_llava_next_pair_equals_the_checkpoint(tmp_path, make_test_image):
+    """LLaVA-NeXT's mmproj (grid pinpoints, spatial_unpad, model.image_newline): anyres
+    tiles and their newlines as the checkpoint, bit for bit, on a non-square image."""
+    from tests.family_checkpoints import make_family_checkpoint
+
+    hf = make_family_checkpoint(tmp_path / "next", model_type="llava_next", vision="clip", text="llama", tokenizer="llama")
+    model, mmproj = write_llava_gguf(hf, tmp_path / "gguf")
+    pipe = Pipeline.load(str(model), "cpu", mmproj=str(mmproj))
+    ref = Pipeline.load(str(hf), "cpu")
+    assert pipe.family.name == "LLaVA-NeXT" and pipe.config.anyres == ref.config.anyres
+    image = make_test_image(size=(90, 40), seed=3)
+    ours, ids = _prefill_logits(pipe, image)
+    theirs, ref_ids = _prefill_logits(ref, image)
+    assert ids == ref_ids and ids.count(pipe.config.image_token_id) > ref.config.tokens_per_view()  # tiles too
+    assert torch.equal(ours, theirs)

@@ -132,8 +132,9 @@ def image_processor(file: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
         "image_std": [short_float(v) for v in file.require("clip.vision.image_std")],
         "do_convert_rgb": True, "resample": 3,
     }
-    if "image_grid_pinpoints" in cfg:
-        out["image_grid_pinpoints"] = cfg["image_grid_pinpoints"]
+    if "image_grid_pinpoints" in cfg:  # LLaVA-NeXT: LlavaNextImageProcessor's anyres recipe
+        out.update(image_processor_type="LlavaNextImageProcessor", image_grid_pinpoints=cfg["image_grid_pinpoints"],
+                   do_pad=True, aspect_ratio_setting="anyres")
     return out
 
 
