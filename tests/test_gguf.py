@@ -478,3 +478,27 @@ def test_llava_next_pair_equals_the_checkpoint(tmp_path, make_test_image):
     theirs, ref_ids = _prefill_logits(ref, image)
     assert ids == ref_ids and ids.count(pipe.config.image_token_id) > ref.config.tokens_per_view()  # tiles too
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.slow
+def test_chat_with_a_text_only_gguf(smollm2_gguf):
+    """`vlm chat -m model.gguf` without --mmproj: a text chat, straight from the file."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "vlmcli", "chat", "-m", str(smollm2_gguf), "--temperature", "0", "--max-tokens", "16"],
+        input="What is the capital of France?\n", capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "The capital of France is Paris."
+    assert "dequantizing 210 Q4_1, 1 Q8_0 tensors to float32, one at a time" in proc.stderr
+
+
+def test_bench_runs_a_gguf_pair(gguf_pair, capsys):
+    """bench's child processes load the presented folder the parent made."""
+    model, mmproj = gguf_pair("Q8_0")
+    code, out, err = run(capsys, "bench", "-m", model, "--mmproj", mmproj, "-b", "cpu", "--runs", 1, "--tokens", 4, "--json")
+    assert code == 0, err
+    row = json.loads(out)["backends"][0]
+    assert row["backend"] == "cpu" and row.get("error") is None and row["decode_tokens_per_s"] > 0
