@@ -32,7 +32,7 @@ from vlmcli.generate import SamplingOptions, Timings
 from vlmcli.pipeline import Pipeline
 from vlmcli.server.engine import Delta, Engine, Failed, Finished, Job
 from vlmcli.server.stops import StopFilter
-from vlmcli.sequence import user_message
+from vlmcli.sequence import assistant_message, user_message
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [ROOT / "examples" / name for name in ("one_shape.png", "two_shapes.png", "shapes.png")]
@@ -523,6 +523,94 @@ def test_cancelled_job_leaves_and_frees_its_place(pipe):
     assert sum(isinstance(e, Delta) for e in events[0]) == 1  # left at the next step boundary
     assert events[1][-1].text == "a red circle, a yellow square and a blue triangle"
     assert engine.stats()["in_flight"] == 0
+
+
+def _one_at_a_time(engine: Engine, pipe: Pipeline, phases, opts: SamplingOptions = GREEDY) -> list[tuple[list, list, Job, Finished]]:
+    """Each phase's requests submitted together; the next phase once they have finished."""
+    engine.start()
+    out = []
+    try:
+        for phase in phases:
+            done = threading.Semaphore(0)
+            jobs = []
+            for messages, images in phase:
+                seq, prepared = pipe.prepare_prompt(messages, images, Timings(), engine.context)
+                events: list = []
+
+                def sink(event, events=events):
+                    events.append(event)
+                    if isinstance(event, (Finished, Failed)):
+                        done.release()
+
+                jobs.append((messages, images, Job(seq, prepared, opts, sink), events))
+                engine.reserve()
+                engine.submit(jobs[-1][2])
+            for _ in phase:
+                assert done.acquire(timeout=60)
+            out += [(messages, images, job, events[-1]) for messages, images, job, events in jobs]
+    finally:
+        engine.stop()
+    return out
+
+
+def held(job: Job, got: Finished) -> list[int]:
+    """The slots a finished job's row wrote: its prompt and the answer tokens fed back."""
+    return (job.seq.ids + got.tokens)[: job.pos]
+
+
+def shared(a: list[int], b: list[int]) -> int:
+    return next((i for i, (p, q) in enumerate(zip(a, b)) if p != q), min(len(a), len(b)))
+
+
+def test_a_conversation_reuses_its_prefix(pipe):
+    """The next request of a conversation (same image, the answer, a new question) prefills
+    only what is new and runs no vision tower, taking the row that holds its history
+    wherever that row went; a request whose first turn another row holds (its image too)
+    reuses that; with an image no row holds, only the text before the image. Every answer
+    is the pipeline's own, alone."""
+    image, other, unseen = EXAMPLES[0], EXAMPLES[2], EXAMPLES[1]
+    first = [user_message(PROMPT, 1)]
+    a_text = pipe.ask(first, [image], GREEDY).text
+    follow = first + [assistant_message(a_text), user_message("How many shapes are there?")]
+    phases = [
+        # A in row 1 finishes (3 tokens) before X in row 0 (11): B must take row 1's contents
+        [(first, [other]), (first, [image])],
+        [(follow, [image])],
+        [(follow, [other])],
+        [(follow, [unseen])],
+    ]
+    engine = Engine(pipe, max_batch=2)
+    swaps = []
+    engine._swap_rows = lambda a, b, n, swap=engine._swap_rows: (swaps.append((a, b)) if a != b and n else None, swap(a, b, n))
+    results = _one_at_a_time(engine, pipe, phases)
+    for messages, images, _, got in results:
+        want = pipe.ask(messages, images, GREEDY)
+        assert isinstance(got, Finished) and got.tokens == want.tokens and got.text == want.text
+    (*_, x_job, x), (*_, a_job, a), (*_, b_job, b), (*_, c_job, c), (*_, d_job, d) = results
+    assert swaps == [(0, 1), (0, 1)]  # B and C each took the other row
+
+    assert x.cached_tokens == a.cached_tokens == 0 and a_job.timings.vision_ms > 0
+    assert b.cached_tokens == shared(held(a_job, a), b_job.seq.ids) >= len(a_job.seq.ids)
+    assert c.cached_tokens == shared(held(x_job, x), c_job.seq.ids) >= len(x_job.seq.ids)
+    assert b_job.timings.vision_ms == c_job.timings.vision_ms == 0
+    assert d.cached_tokens == d_job.seq.ids.index(pipe.config.image_token_id) and d_job.timings.vision_ms > 0
+
+
+def test_prefix_reuse_with_mrope_positions(tmp_path_factory):
+    """Qwen2-VL: the reused prefix holds an image, so the new part's 3-D positions start past
+    the image's grid; the follow-up's answer is still the pipeline's own."""
+    from tests.qwen2_vl_checkpoints import make_qwen2_vl_checkpoint
+
+    qwen = Pipeline.load(str(make_qwen2_vl_checkpoint(tmp_path_factory.mktemp("qwen2vl"))), "cpu")
+    opts = SamplingOptions(max_new_tokens=12, temperature=0.0)
+    first = [user_message(PROMPT, 1)]
+    follow = first + [assistant_message(qwen.ask(first, [EXAMPLES[2]], opts).text), user_message("And the colours?")]
+    results = _one_at_a_time(Engine(qwen, max_batch=1), qwen, [[(first, [EXAMPLES[2]])], [(follow, [EXAMPLES[2]])]], opts)
+    for messages, images, _, got in results:
+        assert got.tokens == qwen.ask(messages, images, opts).tokens
+    (*_, a_job, a), (*_, b_job, b) = results
+    assert b.cached_tokens == shared(held(a_job, a), b_job.seq.ids) >= len(a_job.seq.ids) and b_job.timings.vision_ms == 0
+    assert b_job.offset != 0  # M-RoPE: positions are not the slots
 
 
 def test_stop_filter_holds_back_possible_starts():

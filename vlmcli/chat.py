@@ -29,7 +29,7 @@ from vlmcli.generate import SamplingOptions, Timings, generate
 from vlmcli.inputs import ImageInput
 from vlmcli.model.kv_cache import KVCache
 from vlmcli.pipeline import Pipeline
-from vlmcli.sequence import Message, assistant_message, user_message
+from vlmcli.sequence import Message, assistant_message, common_prefix, user_message
 
 
 # Cache slots a chat session reserves at most (llama.cpp's default context is the same):
@@ -136,7 +136,7 @@ class ChatSession:
             ) from None
         ids = seq.ids
         # Reuse the cached prefix; the last id is always fed again, for the next-token logits.
-        reuse = min(_common_prefix(self._cached_ids, ids), len(ids) - 1)
+        reuse = min(common_prefix(self._cached_ids, ids), len(ids) - 1)
         visual = self._visual_tokens(ids, reuse)
         cache = self._cache_for()
         # From here on, positions from `reuse` on are being overwritten.
@@ -243,11 +243,3 @@ class ChatSession:
         except OSError as e:
             raise VlmError(f"cannot write '{path}': {e.strerror or e}") from None
         return path
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

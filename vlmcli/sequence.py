@@ -53,6 +53,15 @@ class PromptSequence:
     positions: Any = None
 
 
+def common_prefix(a: Sequence, b: Sequence) -> int:
+    """How many leading items two sequences share (prompt slots a cache already holds)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 def expand_image_slots(ids: list[int], image_token_id: int, tokens_per_image: int | Sequence[int]) -> list[int]:
     """Each placeholder id -> that image's count of placeholder ids (the k-th placeholder
     takes the k-th count when counts are given per image)."""

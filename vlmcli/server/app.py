@@ -251,7 +251,7 @@ def _usage(event: Finished) -> dict:
         "prompt_tokens": event.prompt_tokens,
         "completion_tokens": event.completion_tokens,
         "total_tokens": event.prompt_tokens + event.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "image_tokens": event.image_tokens},
+        "prompt_tokens_details": {"cached_tokens": event.cached_tokens, "image_tokens": event.image_tokens},
     }
 
 

@@ -8,8 +8,15 @@ soon as they finish.
     step     one forward pass for every sequence in the batch: tokens (B, 1) at their own
              slots (B, 1), each row attending to its own keys only
     leave    a stop token, a stop string, max_tokens, a full row, or a cancelled request
-             (a client that went away); the last row moves into the freed one, so the
-             batch's rows stay 0..B-1
+             (a client that went away); the rows after it move down, so the batch's rows
+             stay 0..B-1, and its row keeps what it holds for a later request
+
+Prefix reuse: a free row remembers what its cache slots hold (the ids of the prompt and
+answer that left it, each image's slots tagged by a digest of its pixels). A joining request
+takes the free row whose contents share the longest prefix with its prompt and prefills only
+the rest, as `vlm chat` does between turns: the next request of a conversation recomputes
+its new message, not the history and its images. Only for causal prompts (a prefix-LM
+prompt's early slots depend on what follows them).
 
 Rows never see each other: the mask of a row hides every slot past its own, so a greedy
 answer is the same alone or in a batch. Events go back to the request's asyncio loop
@@ -19,6 +26,7 @@ through a callback (`Job.sink`), called on the engine thread.
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import threading
 import time
@@ -28,9 +36,10 @@ from typing import Callable
 import torch
 
 from vlmcli.generate import SamplingOptions, Timings, next_token
+from vlmcli.model.multimodal import flatten_visual
 from vlmcli.pipeline import Pipeline
 from vlmcli.processor import PreparedImages
-from vlmcli.sequence import PromptSequence
+from vlmcli.sequence import PromptSequence, common_prefix
 from vlmcli.server.stops import StopFilter
 
 log = logging.getLogger("vlm.serve")
@@ -60,6 +69,7 @@ class Finished:
     completion_tokens: int
     image_tokens: int
     tokens: list[int] = field(default_factory=list)  # the generated ids, a stop token not included
+    cached_tokens: int = 0  # prompt tokens whose keys and values were already in the row
 
 
 @dataclass
@@ -83,6 +93,8 @@ class Job:
     done: bool = False  # it has left the engine (its place given back, its last event sent)
     # the engine's state for it
     pos: int = 0  # cache slots in use
+    reused: int = 0  # of the prompt's slots, how many a previous request had filled
+    content: list = field(default_factory=list)  # what each prompt slot holds (see _contents)
     offset: int = 0  # what a decoded token's RoPE position adds to its slot (Qwen2-VL)
     tokens: list[int] = field(default_factory=list)
     logits: torch.Tensor | None = None  # the next token's, from the last forward pass
@@ -111,6 +123,8 @@ class Engine:
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []  # the batch: the job at index i owns cache row i
+        # what each free row's slots hold (see _contents); rows of the batch are being written
+        self._resident: list[list] = [[] for _ in range(max_batch)]
         self._reserved = 0  # accepted and not yet finished (preparing, waiting or decoding)
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -191,6 +205,7 @@ class Engine:
                         if not job.done:
                             self._leave(job, Failed(_describe_failure(e)))
                     self._active = []
+                    self._resident = [[] for _ in range(self.max_batch)]  # rows in an unknown state
 
     def _join(self, job: Job) -> None:
         """Prefill a job into the next free row, as `generate` prefills (same call, same
@@ -200,27 +215,67 @@ class Engine:
         row = len(self._active)
         seq, pipe = job.seq, self.pipe
         try:
-            visual = pipe.encode_prepared(job.prepared, job.timings) if job.prepared is not None else None
-            ids = torch.tensor([seq.ids], device=self.device)
+            job.content = _contents(seq.ids, pipe.config.image_token_id, job.prepared)
+            reuse = self._take_row(row, job) if not seq.prefix else 0
+            visual = self._visual_after(job, reuse)
+            ids = torch.tensor([seq.ids[reuse:]], device=self.device)
             cache = self.cache.view(slice(row, row + 1))
             t0 = time.perf_counter()
             if seq.positions is not None:
                 positions = torch.as_tensor(seq.positions, device=self.device)
                 job.offset = int(positions[..., -1].max()) + 1 - len(seq.ids)
-                logits = self.model.prefill(ids, visual, cache, 0, prefix=seq.prefix, positions=positions)
+                logits = self.model.prefill(ids, visual, cache, reuse, prefix=seq.prefix, positions=positions[..., reuse:])
             else:
-                logits = self.model.prefill(ids, visual, cache, 0, prefix=seq.prefix)
+                logits = self.model.prefill(ids, visual, cache, reuse, prefix=seq.prefix)
             job.timings.prefill_ms += (time.perf_counter() - t0) * 1000
         except Exception as e:  # a bug or out of memory: this request fails, the others go on
             log.exception("prefill failed")
             return self._leave(job, Failed(_describe_failure(e)))
         job.logits = logits[0]
         job.pos = len(seq.ids)
+        job.reused = reuse
         if job.opts.seed is not None:
             job.generator = torch.Generator(device=self.device).manual_seed(job.opts.seed)
         job.decoder = pipe.tokenizer.stream_decoder()
         job.stop_filter = StopFilter(job.stops)
         self._active.append(job)
+
+    def _take_row(self, row: int, job: Job) -> int:
+        """Put the free row whose contents share the longest prefix with the job's prompt at
+        `row` (the batch's next row); how many of the prompt's slots it already holds. The
+        last prompt id is always fed again, for the next-token logits."""
+        best, best_len = row, 0
+        for r in range(row, self.max_batch):
+            n = common_prefix(self._resident[r], job.content)
+            if n > best_len:
+                best, best_len = r, n
+        if best != row:
+            self._swap_rows(row, best, max(len(self._resident[row]), len(self._resident[best])))
+        self._resident[row] = []  # being written from here on
+        return min(best_len, len(job.content) - 1)
+
+    def _visual_after(self, job: Job, reuse: int):
+        """The visual tokens of the image slots in the prompt from slot `reuse` on: none to
+        compute when every image is in the reused prefix."""
+        if job.prepared is None:
+            return None
+        image_id = self.pipe.config.image_token_id
+        needed = job.seq.ids[reuse:].count(image_id)
+        if not needed:
+            return None
+        visual = self.pipe.encode_prepared(job.prepared, job.timings)
+        if not reuse:
+            return visual
+        return flatten_visual(visual)[-needed:].unsqueeze(0)
+
+    def _swap_rows(self, a: int, b: int, length: int) -> None:
+        if a == b or length == 0:
+            return
+        for buf in (self.cache.k, self.cache.v):
+            held = buf[:, a, :, :length].clone()
+            buf[:, a, :, :length] = buf[:, b, :, :length]
+            buf[:, b, :, :length] = held
+        self._resident[a], self._resident[b] = self._resident[b], self._resident[a]
 
     def _sample_all(self) -> None:
         """Each job's next token from its logits; the jobs that finish leave the batch."""
@@ -235,11 +290,10 @@ class Engine:
                 staying.append((row, job))
             else:
                 self._leave(job, self._finished(job, finish))
-        # compact: the staying jobs keep their order, each moving down into row i
+        # compact: the staying jobs keep their order, each moving down into row i; the row
+        # it moves into held a job that left, whose contents move up into the free rows
         for i, (old, job) in enumerate(staying):
-            if old != i:
-                self.cache.k[:, i, :, : job.pos] = self.cache.k[:, old, :, : job.pos]
-                self.cache.v[:, i, :, : job.pos] = self.cache.v[:, old, :, : job.pos]
+            self._swap_rows(i, old, max(job.pos, len(self._resident[i])))
         self._active = [job for _, job in staying]
 
     def _take(self, job: Job, token: int) -> str | None:
@@ -267,7 +321,9 @@ class Engine:
             text = "".join(job.sent)
         else:  # the pipeline's own decoding of the tokens, as `vlm describe` prints it
             text = self.pipe.tokenizer.decode(job.tokens)
-        return Finished(reason, text, len(job.seq.ids), len(job.tokens), job.seq.image_tokens, list(job.tokens))
+        return Finished(
+            reason, text, len(job.seq.ids), len(job.tokens), job.seq.image_tokens, list(job.tokens), job.reused
+        )
 
     def _step(self) -> None:
         """One decode step for the whole batch."""
@@ -299,12 +355,38 @@ class Engine:
         if job.done:
             return
         job.done = True
+        if job in self._active:  # its row keeps what it wrote, for a later request
+            written = job.content + job.tokens
+            self._resident[self._active.index(job)] = written[: job.pos] if job.pos else []
         with self._lock:
             self._reserved -= 1
         if event is not None:
             job.sink(event)
         elif job.cancelled:
             job.sink(Failed("the request was cancelled"))
+
+
+def _contents(ids: list[int], image_id: int, prepared: PreparedImages | None) -> list:
+    """What each slot of a prompt holds: its id, or for an image placeholder (digest of the
+    image's pixels, index in the image), so that two prompts share a prefix only where
+    their texts and images are the same."""
+    if prepared is None or image_id not in ids:
+        return list(ids)
+    slots = iter([(d, j) for d, n in zip(_image_digests(prepared), prepared.token_counts) for j in range(n)])
+    return [next(slots) if i == image_id else i for i in ids]
+
+
+def _image_digests(prepared: PreparedImages) -> list[str]:
+    """One digest per image of its preprocessed pixels (and its size and patch grid, which
+    the pixels alone may not tell apart)."""
+    # rows of `pixels` per image: its views, or its patches where images are patch lists (Qwen2-VL)
+    rows = [t * h * w for t, h, w in prepared.grids] if prepared.grids else list(prepared.views_per_image)
+    out = []
+    for i, v in enumerate(prepared.pixels.split(rows)):
+        h = hashlib.blake2b(v.contiguous().numpy().tobytes(), digest_size=16)
+        h.update(repr((prepared.image_sizes[i], prepared.token_counts[i], prepared.grids and prepared.grids[i])).encode())
+        out.append(h.hexdigest())
+    return out
 
 
 def _describe_failure(e: Exception) -> str:
