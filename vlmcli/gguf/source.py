@@ -37,7 +37,6 @@ from vlmcli.gguf.tokenizer import build_tokenizer
 
 MARKER = "gguf_files.json"
 IMAGE_TOKEN = "<image>"
-_LM_PREFIX = {True: "language_model.model.", False: "model."}  # with / without an mmproj
 
 
 def is_gguf(path: Path) -> bool:
@@ -113,9 +112,9 @@ def present(model: Path, mmproj: Path | None) -> Path:
                       tie_word_embeddings=text_cfg["tie_word_embeddings"])
     else:
         config = dict(text_cfg)
-    digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:8]
-    folder = _workdir() / f"{model.stem}-{digest}"
-    folder.mkdir()
+    # named as the model file, which notices about the folder then name
+    folder = _workdir() / hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:12] / model.stem
+    folder.mkdir(parents=True)
     _write_json(folder / "config.json", config)
     tokenizer.save(str(folder / "tokenizer.json"))
     _write_json(folder / "tokenizer_config.json", tok_config)
@@ -126,10 +125,8 @@ def present(model: Path, mmproj: Path | None) -> Path:
         (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     if proj is not None:
         _write_json(folder / "preprocessor_config.json", mm.image_processor(proj, config))
-    eos = [text_cfg[k] for k in ("eos_token_id",) if k in text_cfg]
-    eot = lm.get("tokenizer.ggml.eot_token_id")
-    if isinstance(eot, int):
-        eos.append(eot)
+    # the end of a turn may be its own token (tokenizer.ggml.eot_token_id: <|im_end|>, <|eot_id|>)
+    eos = [i for i in (text_cfg.get("eos_token_id"), lm.get("tokenizer.ggml.eot_token_id")) if isinstance(i, int)]
     _write_json(folder / "generation_config.json", {"eos_token_id": eos})
     _write_json(folder / MARKER, files)  # last: the folder is complete once it is there
     _presented[stamp] = folder
@@ -169,13 +166,8 @@ class GGUFWeights:
         return tuple(f.path for f in (self.model, self.mmproj) if f is not None)
 
     def __post_init__(self) -> None:
-        prefix = _LM_PREFIX[self.mmproj is not None]
         for name in self.model.tensors:
-            hf = text.hf_name(name)
-            if hf == "lm_head.weight":  # llava-hf: language_model.lm_head; a causal LM: lm_head
-                hf = ("language_model." if self.mmproj is not None else "") + hf
-            elif hf is not None:
-                hf = prefix + hf
+            hf = self._decoder_name(name)
             if hf is not None:
                 self.names[hf] = (self.model, name)
         if self.mmproj is not None:
@@ -185,6 +177,15 @@ class GGUFWeights:
                     self.names[hf] = (self.mmproj, name)
         for file, name in self.names.values():  # an unreadable type fails before anything loads
             check_readable(file, name)
+
+    def _decoder_name(self, name: str) -> str | None:
+        """A causal LM's names (model.*, lm_head), or llava-hf's (language_model.model.*,
+        language_model.lm_head) when the pair is a LLaVA."""
+        hf = text.hf_name(name)
+        if hf is None:
+            return None
+        hf = hf if hf == "lm_head.weight" else "model." + hf
+        return "language_model." + hf if self.mmproj is not None else hf
 
     def tensor_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """HF name -> (shape, dtype as the loader will receive it: quantized types arrive as F32)."""
@@ -214,7 +215,10 @@ class GGUFWeights:
 
     def quantized(self) -> Counter:
         """ggml type -> tensors that will be dequantized."""
-        return Counter(t for c in self.type_counts().values() for t, n in c.items() if t not in FLOAT_TYPES for _ in range(n))
+        counts: Counter = Counter()
+        for per_part in self.type_counts().values():
+            counts.update({t: n for t, n in per_part.items() if t not in FLOAT_TYPES})
+        return counts
 
 
 def weights_of(folder: Path) -> GGUFWeights:

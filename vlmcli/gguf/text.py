@@ -89,7 +89,8 @@ def text_config(file: GGUFFile) -> dict[str, Any]:
         "max_position_embeddings": int(key("context_length", 2048)),
         "rms_norm_eps": short_float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         "rope_theta": short_float(key("rope.freq_base", 10000.0)),
-        "vocab_size": int(key("vocab_size", len(tokens))) or len(tokens),
+        # the embedding's rows: a vocabulary padded past its tokens is still that many rows
+        "vocab_size": _rows(file, "token_embd.weight") or int(key("vocab_size", len(tokens))),
         "tie_word_embeddings": "output.weight" not in file.tensors,
     }
     scaling = key("rope.scaling.type")
@@ -104,6 +105,11 @@ def text_config(file: GGUFFile) -> dict[str, Any]:
     if arch == "qwen2":
         cfg["use_sliding_window"] = False
     return cfg
+
+
+def _rows(file: GGUFFile, name: str) -> int | None:
+    info = file.tensors.get(name)
+    return info.shape[0] if info is not None else None
 
 
 def hf_name(name: str) -> str | None:
