@@ -286,10 +286,13 @@ def test_info_shows_gguf_types_and_memory(gguf_pair, capsys):
     types = data["checkpoint"]["gguf_types"]
     assert types["decoder"] == {"F32": 5, "Q8_0": 16}  # norms F32, 2-D weights Q8_0
     assert set(types["projector"]) == {"F16", "F32"} and "vision" in types
+    groups = data["checkpoint"]["gguf_groups"]
+    assert groups["decoder"]["attn_q"] == {"Q8_0": 2} and groups["decoder"]["attn_norm"] == {"F32": 2}
+    assert groups["vision"]["patch_embd"] == {"F16": 1} and groups["projector"]["mm.0"] == {"F16": 1, "F32": 1}
     cpu = next(r for r in data["backends"] if r["backend"] == "cpu")
     assert cpu["weights_bytes"] > 0
     code, out, _ = run(capsys, "info", model, "--mmproj", mmproj)
-    assert "decoder    5 F32, 16 Q8_0 tensors" in out
+    assert "decoder    5 F32, 16 Q8_0 tensors" in out and "attn_q Q8_0 x2" in out
 
 
 def test_folder_of_one_model_and_one_mmproj(gguf_pair, tmp_path, test_image, capsys):

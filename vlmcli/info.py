@@ -81,6 +81,7 @@ def model_info(ref: str, *, download_progress: bool = True, mmproj: str | None =
         info["path"] = str(files.files[0])
         info["checkpoint"]["format"] = "GGUF " + "/".join(sorted({t for c in files.type_counts().values() for t in c}))
         info["checkpoint"]["gguf_types"] = {part: dict(sorted(c.items())) for part, c in files.type_counts().items()}
+        info["checkpoint"]["gguf_groups"] = files.group_types()
     if family.name == "Language model":  # no vision tower or projector to describe
         info["vision"] = info["projector"] = None
         info["image_tokens"] = 0

@@ -58,6 +58,10 @@ def info(
     )
     for part, types in ckpt.get("gguf_types", {}).items():  # a GGUF pair: how each part is stored
         out.print(f"    {part:<10} " + ", ".join(f"{n} {t}" for t, n in types.items()) + " tensors")
+        groups = ckpt["gguf_groups"][part]
+        out.print("               " + ", ".join(
+            f"{g} " + "/".join(t if n == 1 else f"{t} x{n}" for t, n in kinds.items()) for g, kinds in groups.items()
+        ))
     table = Table(title="estimated memory: weights, and KV cache per 1,000 tokens", title_justify="left")
     for column, justify in (("backend", "left"), ("runs as", "left"), ("weights", "right"), ("KV cache", "right"), ("here", "left")):
         table.add_column(column, justify=justify)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections import Counter
@@ -205,13 +206,25 @@ class GGUFWeights:
                 tensor = text.undo_rewrites(arch, name, tensor, text_cfg)
             yield hf, tensor
 
+    def _part(self, hf: str, file: GGUFFile) -> str:
+        return "decoder" if file is self.model else ("projector" if hf.startswith("multi_modal_projector") else "vision")
+
     def type_counts(self) -> dict[str, Counter]:
         """part (decoder / vision / projector) -> ggml type -> how many tensors."""
         parts: dict[str, Counter] = {}
         for hf, (file, name) in self.names.items():
-            part = "decoder" if file is self.model else ("projector" if hf.startswith("multi_modal_projector") else "vision")
-            parts.setdefault(part, Counter())[file.tensors[name].type_name] += 1
+            parts.setdefault(self._part(hf, file), Counter())[file.tensors[name].type_name] += 1
         return parts
+
+    def group_types(self) -> dict[str, dict[str, dict[str, int]]]:
+        """part -> tensor group (llama.cpp's name without block number and suffix: attn_q,
+        ffn_down, token_embd ...) -> ggml type -> how many tensors. K-quant mixes (Q4_K_M)
+        store groups in different types (attn_v and ffn_down in Q6_K, say)."""
+        out: dict[str, dict[str, Counter]] = {}
+        for hf, (file, name) in self.names.items():
+            group = re.sub(r"^(v\.)?(blk\.\d+\.)?", "", name).removesuffix(".weight").removesuffix(".bias")
+            out.setdefault(self._part(hf, file), {}).setdefault(group, Counter())[file.tensors[name].type_name] += 1
+        return {part: {g: dict(sorted(c.items())) for g, c in groups.items()} for part, groups in out.items()}
 
     def quantized(self) -> Counter:
         """ggml type -> tensors that will be dequantized."""
