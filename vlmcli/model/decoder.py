@@ -342,13 +342,18 @@ class Decoder(nn.Module):
             if per_row:
                 masks = {w: m[:, None] for w, m in masks.items()}  # (B, 1, T, S)
             last_only = False  # one token per step
-        x = embeds
-        # Generation needs only the next-token distribution: the last block (past its keys
-        # and values, which the cache keeps) and the head run for the last position alone.
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, slots, cache, masks, last_only=last_only and i == len(self.layers) - 1)
+        x = self.run_layers(embeds, cos, sin, slots, cache, masks, last_only)
         logits = self.lm_head(self.norm(x))
         cap = self.cfg.final_logit_softcap
         if cap is not None:  # Gemma2
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def run_layers(self, x, cos, sin, slots, cache: KVCache | None, masks: dict, last_only: bool) -> torch.Tensor:
+        """The blocks in order (a decoder with other kinds of layer, Llama 3.2 Vision's
+        cross-attention, runs its own sequence here)."""
+        # Generation needs only the next-token distribution: the last block (past its keys
+        # and values, which the cache keeps) and the head run for the last position alone.
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, slots, cache, masks, last_only=last_only and i == len(self.layers) - 1)
+        return x
