@@ -28,6 +28,27 @@ import torch
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 
+# Where each K-quant block keeps its fp16 super-block scales (d, and dmin where it has one),
+# from ggml-common.h's block_q4_K / block_q5_K / block_q6_K.
+_K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Random bytes of `kind` blocks for a tensor of `shape`, whose fp16 scales are set to
+    small finite values (random bytes there would be inf/NaN): valid quantized weights."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    rng = np.random.default_rng(seed)
+    n_blocks = int(np.prod(shape)) // block
+    data = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
+    scale = {"Q6_K": 2e-5}.get(kind, 2e-4)
+    for at in _K_SCALES[kind]:
+        values = (rng.random(n_blocks) * scale + scale / 2).astype(np.float16)
+        data[:, at : at + 2] = values.view(np.uint8).reshape(n_blocks, 2)
+    return data.reshape(*shape[:-1], shape[-1] // block * size)
+
+
 def llama_cpp_permute(weights: torch.Tensor, n_head: int, n_head_kv: int | None = None) -> torch.Tensor:
     """convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp writes it (not vlm's code:
     the tests check vlm's inverse against it)."""
@@ -118,7 +139,8 @@ def write_language_model(
 ) -> Path:
     """merges=False: no tokenizer.ggml.merges, as SentencePiece Llama files have (the
     merges are then recovered from the scores). raw: GGUF name -> (ggml type name, its
-    shape): that tensor written as zero bytes of that type instead (a bad-input test)."""
+    shape[, seed]): that tensor written as bytes of that type instead: random blocks with
+    small scales when a seed is given (K-quant weights no writer here can make), else zeros."""
     import gguf
 
     config = json.loads((hf_folder / "config.json").read_text())
@@ -218,8 +240,11 @@ def write_language_model(
         name = f"blk.{i}.{block[part]}"
         if raw and name in raw:
             kind, shape = gguf.GGMLQuantizationType[raw[name][0]], raw[name][1]
-            block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
-            data = np.zeros((*shape[:-1], shape[-1] // block_size * type_size), dtype=np.uint8)
+            if len(raw[name]) > 2:
+                data = random_blocks(kind.name, shape, raw[name][2])
+            else:
+                block_size, type_size = gguf.GGML_QUANT_SIZES[kind]
+                data = np.zeros((*shape[:-1], shape[-1] // block_size * type_size), dtype=np.uint8)
             w.add_tensor(name, data, raw_dtype=kind)  # data is the byte shape; the writer derives the rest
             continue
         _add(w, name, tensor, qtype, key)

@@ -505,3 +505,56 @@ def test_bench_runs_a_gguf_pair(gguf_pair, capsys):
     assert code == 0, err
     row = json.loads(out)["backends"][0]
     assert row["backend"] == "cpu" and row.get("error") is None and row["decode_tokens_per_s"] > 0
+
+
+# ---- K-quants: no writer here makes them, so random blocks (with sane scales) stand in -------
+
+# A Q4_K_M-like mix: llama.cpp's Q4_K_M keeps attn_v and ffn_down in Q6_K
+K_MIX = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_K",
+         "ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q6_K"}
+
+
+def test_k_quants_as_transformers_reads_them(llava_ckpt, tmp_path):
+    """Q4_K / Q5_K / Q6_K weights decoded by gguf.quants (ours) and by transformers' own
+    torch decoders (integrations/gguf/dequant.py) give the same model: logits within float
+    rounding, the same greedy continuation."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.integrations.gguf.dequant import dequantize as hf_dequantize
+    import gguf
+
+    hf = tmp_path / "hf"
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llava_ckpt / name, hf / name)
+    shapes = {"attn_q": (256, 256), "attn_k": (128, 256), "attn_v": (128, 256), "attn_output": (256, 256),
+              "ffn_gate": (512, 256), "ffn_up": (512, 256), "ffn_down": (256, 512)}
+    raw = {f"blk.{i}.{g}.weight": (K_MIX[g], shapes[g], 10 * i + j) for i in range(2) for j, g in enumerate(K_MIX)}
+    path = write_language_model(hf, tmp_path / "kmix.gguf", "F32", raw=raw)
+
+    file = GGUFFile(path)
+    for name, (kind, shape, _) in raw.items():
+        info = file.tensors[name]
+        assert info.type_name == kind
+        with open(path, "rb") as f:
+            f.seek(info.offset)
+            data = torch.frombuffer(bytearray(f.read(info.nbytes)), dtype=torch.uint8)
+        theirs = hf_dequantize(data, gguf.GGMLQuantizationType[kind].value).reshape(shape)
+        assert torch.allclose(file.read(name), theirs, rtol=0, atol=1e-6), name
+
+    pipe = Pipeline.load(str(path), "cpu")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0, -1]
+        greedy = ref.generate(torch.tensor([IDS]), max_new_tokens=12, do_sample=False)[0, len(IDS):].tolist()
+    ours = _logits(pipe, IDS)
+    error = ((ours - expected).abs().max() / expected.abs().max()).item()
+    assert error < 1e-5  # measured 4.7e-7
+    from vlmcli.generate import generate
+
+    cache = pipe.model.new_cache(len(IDS) + 12)
+    with torch.inference_mode():
+        got = generate(pipe.model, IDS, None, SamplingOptions(max_new_tokens=12, temperature=0.0), set(), cache)
+    assert got.tokens == greedy
