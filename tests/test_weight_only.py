@@ -320,3 +320,25 @@ def test_demo_accuracy_within_two_points_of_fp32():
     for spec in ("q8", "q4"):
         assert abs(scores[spec][0] - scores["cpu"][0]) <= 0.02, scores
         assert abs(scores[spec][1] - scores["cpu"][1]) <= 0.02, scores
+
+
+# ---- threads (--threads / VLM_THREADS) --------------------------------------------------------
+
+
+def test_threads_default_to_the_physical_cores_and_follow_vlm_threads(monkeypatch):
+    import os
+
+    from vlmcli.cli.common import physical_cores, set_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("VLM_THREADS", raising=False)
+        assert set_threads() == physical_cores() == torch.get_num_threads()
+        monkeypatch.setenv("VLM_THREADS", "1")
+        assert set_threads() == 1 == torch.get_num_threads() and os.environ["OMP_NUM_THREADS"] == "1"
+        assert set_threads(2) == 2 == torch.get_num_threads()
+        monkeypatch.setenv("VLM_THREADS", "two")
+        with pytest.raises(UsageError, match="VLM_THREADS must be a whole number, not 'two'"):
+            set_threads()
+    finally:
+        torch.set_num_threads(before)

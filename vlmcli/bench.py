@@ -92,6 +92,9 @@ def run_bench(
     `image` (None: the synthetic picture) producing up to `tokens` tokens each.
 
     Times are medians over the runs. Errors (VlmError, out of memory) propagate."""
+    from vlmcli.cli.common import set_threads
+
+    set_threads()  # $VLM_THREADS or the physical cores, as every command; machine_info shows it
     if image is None:
         image = synthetic_image()
     t0 = time.perf_counter()

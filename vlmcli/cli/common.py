@@ -22,6 +22,46 @@ def sampling_options(**kwargs) -> SamplingOptions:
         raise UsageError(str(e)) from None
 
 
+def physical_cores() -> int:
+    """The physical cores this process may run on (hyperthread siblings counted once): what
+    decoding wants, since a matrix-vector product is memory-bound and two threads on one
+    core only contend. From /sys's topology; the logical count where that is missing."""
+    import os
+    from pathlib import Path
+
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus) or 1
+    return len(cores) or 1
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set the CPU threads once, for torch's intra-op pool and OpenMP (MKL, oneDNN follow
+    it): `threads`, else $VLM_THREADS, else the physical cores. OMP_NUM_THREADS is set too,
+    so processes this one starts (`vlm bench` runs one per backend) get the same."""
+    import os
+
+    import torch
+
+    if threads is None:
+        env = os.environ.get("VLM_THREADS", "").strip()
+        try:
+            threads = int(env) if env else physical_cores()
+        except ValueError:
+            raise UsageError(f"VLM_THREADS must be a whole number, not '{env}'") from None
+    if threads < 1:
+        raise UsageError(f"--threads must be 1 or more, not {threads}")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def load_pipeline(
     model: str,
     backend: str,
@@ -31,13 +71,17 @@ def load_pipeline(
     *,
     mmproj: str | None = None,
     images: bool = False,
+    threads: int | None = None,
 ) -> Pipeline:
     """The model, with huggingface_hub's download bars and our loading bar on a terminal
     (nothing under -q or when stderr is not a terminal), and the image settings given on
     the command line (--max-tiles, --min-pixels / --max-pixels: refused where the family
     does not cut or resize images that way). mmproj: a GGUF model's vision file; images:
-    the command has images for the model, so a GGUF model without its mmproj fails now."""
+    the command has images for the model, so a GGUF model without its mmproj fails now.
+    threads: --threads (see set_threads)."""
     from vlmcli.pipeline import Pipeline
+
+    set_threads(threads)
 
     if images:
         from vlmcli.gguf.source import require_vision

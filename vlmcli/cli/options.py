@@ -32,6 +32,13 @@ BackendName = Annotated[
     str,
     typer.Option("--backend", "-b", envvar="VLM_BACKEND", metavar="NAME", help=BACKEND_HELP, show_envvar=True),
 ]
+Threads = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads", min=1, envvar="VLM_THREADS", metavar="N", show_envvar=True,
+        help="CPU threads for torch and OpenMP (default: the physical cores).",
+    ),
+]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", min=1, metavar="N", help="Most tokens to generate.")]
 Temperature = Annotated[
     float, typer.Option("--temperature", "-t", min=0.0, metavar="T", help="Sampling temperature; 0 is greedy and deterministic.")
