@@ -558,3 +558,19 @@ def test_k_quants_as_transformers_reads_them(llava_ckpt, tmp_path):
     with torch.inference_mode():
         got = generate(pipe.model, IDS, None, SamplingOptions(max_new_tokens=12, temperature=0.0), set(), cache)
     assert got.tokens == greedy
+
+
+def test_split_gguf_is_refused_in_one_line(tmp_path, capsys):
+    import gguf
+
+    # the first of two parts, as llama-gguf-split marks them
+    writer = gguf.GGUFWriter(str(tmp_path / "split.gguf"), arch="llama")
+    writer.add_uint16("split.no", 0)
+    writer.add_uint16("split.count", 2)
+    writer.add_embedding_length(64)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _expect_error(capsys, ["info", tmp_path / "split.gguf"],
+                  "split.gguf is part 1 of a GGUF split in 2; vlm reads whole files (llama-gguf-split --merge joins them)")

@@ -59,7 +59,8 @@ def check_mmproj(file: GGUFFile) -> None:
         )
     if file.get("clip.has_vision_encoder") is False:
         raise UnsupportedModelError(f"{file.path.name} has no vision encoder")
-    kind = file.get("clip.projector_type", "mlp")
+    # clip.vision.projector_type: files of models with audio too name the vision one there
+    kind = file.get("clip.vision.projector_type", file.get("clip.projector_type", "mlp"))
     if kind != "mlp":
         raise UnsupportedModelError(
             f"{file.path.name} has a '{kind}' projector; vlm runs LLaVA's mlp projector from GGUF (others later)"

@@ -53,6 +53,11 @@ def check_architecture(file: GGUFFile) -> str:
         raise UnsupportedModelError(
             f"{file.path.name} is a vision projector (mmproj) file; give the language model with -m and this with --mmproj"
         )
+    if int(file.get("split.count", 1)) > 1:
+        raise UnsupportedModelError(
+            f"{file.path.name} is part {int(file.get('split.no', 0)) + 1} of a GGUF split in {file.get('split.count')}; "
+            f"vlm reads whole files (llama-gguf-split --merge joins them)"
+        )
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"{file.path.name} is a GGUF of architecture '{arch}'; vlm runs {', '.join(ARCHITECTURES)} decoders"
