@@ -66,7 +66,7 @@ def test_build(spec, cls, attrs):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("tpu", "unknown backend 'tpu' (choose from: auto, cpu, cpu-bf16, cuda, bf16, int8, int4)"),
+        ("tpu", "unknown backend 'tpu' (choose from: auto, cpu, cpu-bf16, cuda, bf16, int8, int4, q8, q4)"),
         ("cpu:fast", "backend 'cpu' takes no options"),
         ("auto:nf4", "backend 'auto' takes no options"),
         ("int8:fp4", "backend 'int8' has no option 'fp4' (options: all, device, threshold)"),

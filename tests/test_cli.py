@@ -65,7 +65,7 @@ def test_several_images_get_headers(capsys, llava_ckpt, make_test_image):
     "args, code, message",
     [
         (["describe", "{img}", "-m", "{ckpt}", "--max-tokens", "0"], 2, "error: invalid value for '--max-tokens': Input should be greater than or equal to 1\nTry 'vlm describe --help' for help.\n"),
-        (["describe", "{img}", "-m", "{ckpt}", "-b", "tpu"], 2, "unknown backend 'tpu' (choose from: auto, cpu, cpu-bf16, cuda, bf16, int8, int4)"),
+        (["describe", "{img}", "-m", "{ckpt}", "-b", "tpu"], 2, "unknown backend 'tpu' (choose from: auto, cpu, cpu-bf16, cuda, bf16, int8, int4, q8, q4)"),
         (["describe", "{img}", "-m", "./no/such/folder"], 2, "model './no/such/folder' is neither a folder nor a hub repo id"),
         (["describe", "{missing}", "-m", "{ckpt}"], 1, "cannot read image '{missing}': no such file"),
         (["describe"], 2, "error: missing argument 'IMAGE'\nTry 'vlm describe --help' for help.\n"),

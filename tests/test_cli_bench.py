@@ -86,7 +86,7 @@ def test_a_backend_failing_in_its_child_is_a_row(capsys, llava_ckpt, tmp_path):
 @pytest.mark.parametrize(
     "args, code, message",
     [
-        (["-b", "cpu", "-b", "tpu"], 2, "unknown backend 'tpu' (choose from: auto, cpu, cpu-bf16, cuda, bf16, int8, int4)"),
+        (["-b", "cpu", "-b", "tpu"], 2, "unknown backend 'tpu' (choose from: auto, cpu, cpu-bf16, cuda, bf16, int8, int4, q8, q4)"),
         (["--tokens", "0"], 2, "error: invalid value for '--tokens': Input should be greater than or equal to 1\nTry 'vlm bench --help' for help.\n"),
         (["--image", "{missing}"], 1, "cannot read image '{missing}': no such file"),
     ],
