@@ -54,7 +54,8 @@ def import_ray():
         import ray
         import ray.data
     except ImportError:
-        raise VlmError("--ray needs Ray Data, which is not installed (pip install 'vlmcli[ray]')") from None
+        # "\\[": the CLI prints errors as Rich markup, where a bare [ray] is a tag and vanishes
+        raise VlmError("--ray needs Ray Data, which is not installed (pip install 'vlmcli\\[ray]')") from None
     return ray
 
 

@@ -201,7 +201,8 @@ def require_pyarrow(what: str):
         import pyarrow.fs
         import pyarrow.parquet  # noqa: F401 (pyarrow.parquet is used through the package)
     except ImportError:
-        raise VlmError(f"{what} needs pyarrow, which is not installed (pip install 'vlmcli[parquet]')") from None
+        # "\\[": the CLI prints errors as Rich markup, where a bare [parquet] is a tag and vanishes
+        raise VlmError(f"{what} needs pyarrow, which is not installed (pip install 'vlmcli\\[parquet]')") from None
     return pyarrow
 
 

@@ -51,7 +51,7 @@ def batch(
     max_pixels: options.MaxPixels = None,
     min_pixels: options.MinPixels = None,
     max_image_pixels: options.MaxImagePixels = None,
-    on_ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data (pip install 'vlmcli[ray]').")] = False,
+    on_ray: Annotated[bool, typer.Option("--ray", help="Run on Ray Data (pip install 'vlmcli\\[ray]').")] = False,
     ray_address: Annotated[
         Optional[str],
         typer.Option("--ray-address", envvar="RAY_ADDRESS", show_envvar=True, metavar="ADDRESS",
