@@ -43,7 +43,7 @@ def convert(
             envvar="VLM_MODEL",
             show_envvar=True,
             metavar="MODEL",
-            help="The model to convert, instead of SOURCE: a local model folder, a hub repo id (id@revision), or 'demo'.",
+            help="The model to convert, instead of SOURCE: a local model folder, a GGUF file (see --mmproj), a hub repo id (id@revision), or 'demo'.",
         ),
     ] = None,
     mmproj: options.Mmproj = None,

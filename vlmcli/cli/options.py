@@ -17,7 +17,7 @@ Model = Annotated[
         metavar="MODEL",
         # the default in the sentence, not in a "[default: ...]" cell: at 80 columns that
         # cell is one character too narrow for the id and Rich would cut it
-        help=f"A local model folder, a hub repo id (id@revision), or 'demo'. Default: {DEFAULT_MODEL}",
+        help=f"A local model folder, a GGUF file (see --mmproj), a hub repo id (id@revision), or 'demo'. Default: {DEFAULT_MODEL}",
         show_default=False,
         show_envvar=True,
     ),
