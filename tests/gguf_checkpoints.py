@@ -134,7 +134,7 @@ def roundtrip_checkpoint(hf_folder: Path, out: Path, qtype: str) -> Path:
 
 
 def write_language_model(
-    hf_folder: Path, path: Path, qtype: str = "F32", arch_name: str = "llama", merges: bool = True,
+    hf_folder: Path, path: Path, qtype: str = "F32", arch_name: str | None = None, merges: bool = True,
     raw: dict | None = None,
 ) -> Path:
     """merges=False: no tokenizer.ggml.merges, as SentencePiece Llama files have (the
@@ -145,6 +145,8 @@ def write_language_model(
 
     config = json.loads((hf_folder / "config.json").read_text())
     text = config.get("text_config", config)
+    if arch_name is None:  # llama.cpp writes Mistral as llama
+        arch_name = {"mistral": "llama"}.get(text.get("model_type", "llama"), text.get("model_type", "llama"))
     state = _state(hf_folder)
     tok = json.loads((hf_folder / "tokenizer.json").read_text())
     tok_cfg = json.loads((hf_folder / "tokenizer_config.json").read_text())
@@ -181,6 +183,8 @@ def write_language_model(
         if i >= len(tokens):
             tokens.extend([None] * (i + 1 - len(tokens)))
         tokens[i] = t["content"]
+    # byte-fallback BPE is a SentencePiece-style (llama) vocabulary; plain BPE a byte-level (gpt2) one
+    spm = bool(tok["model"].get("byte_fallback"))
     types = []
     for i, piece in enumerate(tokens):
         if piece == tok["model"].get("unk_token"):
@@ -191,9 +195,12 @@ def write_language_model(
             types.append(BYTE)
         else:
             types.append(NORMAL)
-    w.add_tokenizer_model("llama")
+    w.add_tokenizer_model("llama" if spm else "gpt2")
+    if not spm:
+        w.add_tokenizer_pre("qwen2")  # the split regex of the Qwen2 tokenizers the fixtures copy
     w.add_token_list(tokens)
-    w.add_token_scores([-float(i) for i in range(len(tokens))])
+    if spm:
+        w.add_token_scores([-float(i) for i in range(len(tokens))])
     w.add_token_types(types)
     if merges:
         w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
@@ -201,7 +208,7 @@ def write_language_model(
                         ("unk_token", w.add_unk_token_id), ("pad_token", w.add_pad_token_id)):
         if tok_cfg.get(key) is not None:
             setter(tokens.index(tok_cfg[key]))
-    w.add_add_bos_token(True)
+    w.add_add_bos_token(spm)
     if template is not None:
         w.add_chat_template(template)
 
@@ -292,6 +299,7 @@ def write_mmproj(hf_folder: Path, path: Path, qtype: str = "F32") -> Path:
 
     prefix = "vision_tower."
     names = {"embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+             "embeddings.patch_embedding.bias": "v.patch_embd.bias",  # SigLIP's
              "embeddings.position_embedding.weight": "v.position_embd.weight",
              "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}
     block = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

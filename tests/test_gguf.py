@@ -592,3 +592,22 @@ def test_convert_text_only_gguf(llava_ckpt, tmp_path, capsys):
         theirs = ref(torch.tensor([IDS])).logits[0, -1]
     # fp16 weights against the dequantized fp32 ones: measured 1.9e-3 of the logits' scale
     assert ((ours - theirs).abs().max() / theirs.abs().max()).item() < 5e-3
+
+
+def test_siglip_qwen2_pair_equals_the_checkpoint(tmp_path, test_image):
+    """llava-interleave's shape: a SigLIP tower (no class token, patch bias, all features
+    kept), a Qwen2 decoder and a byte-level ChatML vocabulary (tokenizer.ggml.model gpt2)."""
+    from tests.family_checkpoints import make_family_checkpoint
+
+    hf = make_family_checkpoint(tmp_path / "interleave", model_type="llava", vision="siglip", text="qwen2")
+    model, mmproj = write_llava_gguf(hf, tmp_path / "gguf")
+    assert GGUFFile(model).get("tokenizer.ggml.model") == "gpt2"
+    pipe = Pipeline.load(str(model), "cpu", mmproj=str(mmproj))
+    ref = Pipeline.load(str(hf), "cpu")
+    assert (pipe.config.vision, pipe.config.vision_feature_select_strategy) == (ref.config.vision, "full")
+    assert pipe.config.text.model_type == "qwen2"
+    ours, ids = _prefill_logits(pipe, test_image)
+    theirs, ref_ids = _prefill_logits(ref, test_image)
+    assert ids == ref_ids
+    assert torch.equal(ours, theirs)
+    assert pipe.describe([test_image], PROMPT, GREEDY).tokens == ref.describe([test_image], PROMPT, GREEDY).tokens

@@ -34,6 +34,7 @@ _PREFIX = "vision_tower.vision_model."
 _TOP = {
     "v.class_embd": _PREFIX + "embeddings.class_embedding",
     "v.patch_embd.weight": _PREFIX + "embeddings.patch_embedding.weight",
+    "v.patch_embd.bias": _PREFIX + "embeddings.patch_embedding.bias",
     "v.position_embd.weight": _PREFIX + "embeddings.position_embedding.weight",
     "v.pre_ln.weight": _PREFIX + "pre_layrnorm.weight",
     "v.pre_ln.bias": _PREFIX + "pre_layrnorm.bias",
@@ -78,8 +79,10 @@ def vision_config(file: GGUFFile, text: dict[str, Any]) -> dict[str, Any]:
 
     n_layers = int(need("block_count"))
     width = int(need("embedding_length"))
+    # SigLIP (llava-interleave, OneVision): no class token, a bias on the patch embedding, GELU-tanh
+    siglip = "v.class_embd" not in file.tensors and "v.patch_embd.bias" in file.tensors
     vision = {
-        "model_type": "clip_vision_model",
+        "model_type": "siglip_vision_model" if siglip else "clip_vision_model",
         "hidden_size": width,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": n_layers,
@@ -87,7 +90,7 @@ def vision_config(file: GGUFFile, text: dict[str, Any]) -> dict[str, Any]:
         "image_size": int(need("image_size")),
         "patch_size": int(need("patch_size")),
         "layer_norm_eps": short_float(file.get("clip.vision.attention.layer_norm_epsilon", 1e-5)),
-        "hidden_act": "gelu" if file.get("clip.use_gelu") else "quick_gelu",
+        "hidden_act": "gelu_pytorch_tanh" if siglip else ("gelu" if file.get("clip.use_gelu") else "quick_gelu"),
     }
     layers = file.get("clip.vision.feature_layer")
     layers = [int(i) for i in layers] if layers else [n_layers - 1]
@@ -121,7 +124,8 @@ def vision_config(file: GGUFFile, text: dict[str, Any]) -> dict[str, Any]:
 
 
 def image_processor(file: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
-    """preprocessor_config.json: CLIP's recipe (shortest edge, center crop) with the file's statistics."""
+    """preprocessor_config.json with the file's statistics: CLIP's recipe (shortest edge,
+    center crop), SigLIP's (a square resize), or LLaVA-NeXT's anyres one."""
     size = cfg["vision_config"]["image_size"]
     out = {
         "image_processor_type": "CLIPImageProcessor",
@@ -133,6 +137,9 @@ def image_processor(file: GGUFFile, cfg: dict[str, Any]) -> dict[str, Any]:
         "image_std": [short_float(v) for v in file.require("clip.vision.image_std")],
         "do_convert_rgb": True, "resample": 3,
     }
+    if cfg["vision_config"]["model_type"] == "siglip_vision_model":  # SiglipImageProcessor: a plain resize
+        out.update(image_processor_type="SiglipImageProcessor", size={"height": size, "width": size}, do_center_crop=False)
+        del out["crop_size"]
     if "image_grid_pinpoints" in cfg:  # LLaVA-NeXT: LlavaNextImageProcessor's anyres recipe
         out.update(image_processor_type="LlavaNextImageProcessor", image_grid_pinpoints=cfg["image_grid_pinpoints"],
                    do_pad=True, aspect_ratio_setting="anyres")
