@@ -19,6 +19,7 @@ LOOPBACK_NAMES = {"localhost", "ip6-localhost"}
 
 def serve(
     model: options.Model = options.DEFAULT_MODEL,
+    mmproj: options.Mmproj = None,
     backend: options.BackendName = "auto",
     host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="Address to listen on; the default takes local connections only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=1, max=65535, metavar="PORT", help="Port to listen on.")] = 8000,
@@ -45,7 +46,7 @@ def serve(
     from vlmcli.server.app import create_app
     from vlmcli.server.engine import Engine
 
-    pipe = load_pipeline(model, backend, max_tiles)
+    pipe = load_pipeline(model, backend, max_tiles, mmproj=mmproj)
     engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue)
     app = create_app(
         pipe, engine, model_id=model, api_key=api_key, allow_local_files=allow_local_files, max_tokens_default=max_tokens_default
