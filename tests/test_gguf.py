@@ -611,3 +611,21 @@ def test_siglip_qwen2_pair_equals_the_checkpoint(tmp_path, test_image):
     assert ids == ref_ids
     assert torch.equal(ours, theirs)
     assert pipe.describe([test_image], PROMPT, GREEDY).tokens == ref.describe([test_image], PROMPT, GREEDY).tokens
+
+
+def test_a_text_template_gives_way_to_the_familys(llava_ckpt, tmp_path, test_image):
+    """A language model's own template (string contents, no image slots) is not used for
+    image prompts: the LLaVA default for its decoder is, and stderr says so."""
+    hf = tmp_path / "hf"
+    shutil.copytree(llava_ckpt, hf)
+    text_only = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (hf / "chat_template.json").write_text(json.dumps({"chat_template": text_only}))
+    model, mmproj = write_llava_gguf(hf, tmp_path / "gguf")
+    notes = []
+    pipe = Pipeline.load(str(model), "cpu", mmproj=str(mmproj), notice=notes.append)
+    assert notes[0] == f"{model.name}'s chat template has no place for images; using the LLaVA default"
+    from vlmcli.families.llava.templates import LLAVA_DEFAULT_CHAT_TEMPLATE
+
+    assert pipe.tokenizer.chat_template == LLAVA_DEFAULT_CHAT_TEMPLATE
+    answer = pipe.describe([test_image], PROMPT, GREEDY)
+    assert answer.image_tokens == 25 and answer.tokens

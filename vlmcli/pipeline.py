@@ -109,9 +109,9 @@ class Pipeline:
         # again, now knowing the checkpoint: auto picks a quantized checkpoint's own format
         chosen = backends.get_backend(backend, read_quantization(checkpoint.read_config(folder)))
         if notice:
-            from vlmcli.gguf.source import dequantize_notice
+            from vlmcli.gguf.source import load_notices  # nothing for a Hugging Face folder
 
-            if (line := dequantize_notice(folder, chosen.dtype)) is not None:
+            for line in load_notices(folder, chosen.dtype):
                 notice(line)
         loaded = load_model(folder, chosen, progress=progress)
         family = loaded.family

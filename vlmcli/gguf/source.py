@@ -120,9 +120,15 @@ def present(model: Path, mmproj: Path | None) -> Path:
     tokenizer.save(str(folder / "tokenizer.json"))
     _write_json(folder / "tokenizer_config.json", tok_config)
     template = lm.get("tokenizer.chat_template")
-    # With an mmproj the family's template writes the image slots; a language model's own
-    # template takes string contents only, unless it speaks of images itself.
-    if isinstance(template, str) and (proj is None or "image" in template):
+    if isinstance(template, str) and proj is not None and "image" not in template:
+        # A language model's own template takes string contents, and has no place for the
+        # images llama.cpp splices in itself; the family's (for this decoder) writes them.
+        from vlmcli.families import parse_config
+
+        family, parsed = parse_config(config)
+        template = family.chat_template(parsed)
+        files["notes"] = [f"{model.name}'s chat template has no place for images; using the {family.name} default"]
+    if isinstance(template, str):
         (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
     if proj is not None:
         _write_json(folder / "preprocessor_config.json", mm.image_processor(proj, config))
@@ -247,14 +253,15 @@ def is_presented(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
-def dequantize_notice(folder: Path, dtype: torch.dtype) -> str | None:
-    """What loading will dequantize, for stderr; None for a folder that is not a GGUF pair
-    or holds no quantized tensors."""
+def load_notices(folder: Path, dtype: torch.dtype) -> list[str]:
+    """Lines for stderr about loading a presented pair: what was made of its chat template,
+    and what will be dequantized. None for a Hugging Face folder."""
     if not is_presented(folder):
-        return None
+        return []
+    notes = list(json.loads((folder / MARKER).read_text(encoding="utf-8")).get("notes", []))
     counts = weights_of(folder).quantized()
-    if not counts:
-        return None
-    types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-    name = str(dtype).removeprefix("torch.")
-    return f"dequantizing {types} tensors to {name}, one at a time (repacking them for int8/int4 backends is not done yet)"
+    if counts:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+        name = str(dtype).removeprefix("torch.")
+        notes.append(f"dequantizing {types} tensors to {name}, one at a time (repacking them for int8/int4 backends is not done yet)")
+    return notes
