@@ -4,7 +4,7 @@ MllamaImageProcessor bit for bit; prompt ids equal to MllamaProcessor's; vision 
 and logits at every position within a measured tolerance; 24 greedy tokens identical (1 tile,
 several tiles, non-square, two images, text only, a text turn after an image turn in chat,
 where nothing of the image is recomputed); the tensor-slot step equal to the eager one;
-the CLI's --json tokens; cpu-bf16 and int4 (the tower and projector kept dense); and the
+the CLI's --json tokens; cpu-bf16, int4 and int8 (the tower and projector kept dense); and the
 hub key layout of meta-llama/Llama-3.2-11B-Vision-Instruct on meta."""
 
 from __future__ import annotations
@@ -167,6 +167,41 @@ def test_chat_text_turn_after_an_image_turn(mllama, make_test_image):
     assert len(reply.tokens) >= 16
 
 
+@pytest.mark.parametrize("first_image", [True, False])
+def test_chat_image_in_a_later_turn(mllama, make_test_image, first_image):
+    """A second image in the second turn (or a first image after a text-only turn): only
+    the new image goes through the tower and the cross-attention K/V projections (once per
+    cross layer), and the reply is transformers' for the whole conversation (the header
+    tokens, which see no image, attend to every image there, so ours are run again)."""
+    _, ref, processor, ours = mllama
+    images = [make_test_image(size=WIDE, seed=2), make_test_image(size=TALL, seed=3)]
+    if not first_image:
+        images = images[1:]
+    session = ChatSession(ours, SamplingOptions(max_new_tokens=NEW_TOKENS))
+    if first_image:
+        session.add_image(images[0])
+    session.ask("Look at this." if first_image else "Hello there.")
+    calls = {"vision": 0, "k_proj": 0}
+    model = ours.model
+    hooks = [model.vision.register_forward_hook(lambda *a: calls.__setitem__("vision", calls["vision"] + 1))]
+    for block in model.decoder.layers:
+        if hasattr(block, "cross_attn"):
+            hooks.append(block.cross_attn.k_proj.register_forward_hook(
+                lambda *a: calls.__setitem__("k_proj", calls["k_proj"] + 1)))
+    try:
+        session.add_image(images[-1])
+        reply = session.ask(PROMPT)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == {"vision": 1, "k_proj": 2}  # one image, two cross-attention layers
+    inputs = _reference(processor, session.messages[:-1], images)
+    with torch.inference_mode():
+        out = ref.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+    assert reply.tokens == out[0, inputs["input_ids"].shape[1] :].tolist()[: len(reply.tokens)]
+    assert len(reply.tokens) >= 16
+
+
 def test_tensor_slot_step_equals_eager_step(mllama, make_test_image):
     """The capturable step (slot as a tensor; the cross-attention K/V and the image mask
     read from the cache) gives the eager step's logits."""
@@ -238,12 +273,13 @@ def test_cpu_bf16_runs_close_to_fp32(mllama, make_test_image):
     assert len(bf16.describe([image], PROMPT, SamplingOptions(max_new_tokens=8)).tokens) == 8
 
 
-def test_int4_keeps_the_tower_and_projector_dense(mllama, make_test_image):
+@pytest.mark.parametrize("backend", ["int4", "int8"])
+def test_bnb_keeps_the_tower_and_projector_dense(mllama, make_test_image, backend):
     pytest.importorskip("bitsandbytes")
     from torch import nn
 
     path, _, _, _ = mllama
-    pipe = Pipeline.load(str(path), "int4")
+    pipe = Pipeline.load(str(path), backend)
     model = pipe.model
     dense = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     assert any(n.startswith("vision.transformer.") for n in dense)

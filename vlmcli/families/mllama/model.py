@@ -20,7 +20,10 @@ The cache (MllamaCache) holds, besides the self-attention keys and values, each 
 cross-attention keys and values for every cross layer, computed once when the image's
 prompt is prefilled, and per cache slot which images the token there sees. A chat turn
 without a new image computes nothing for the images; a decode step repeats the previous
-slot's images, as transformers' generate repeats the last row of the mask.
+slot's images, as transformers' generate repeats the last row of the mask. A turn that adds
+an image after tokens that see none (the header before the first image, or a text-only
+first turn) runs the cached text again against the enlarged set of images, because those
+tokens attend to all of them; the earlier images' keys and values are still not recomputed.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class MllamaCache(KVCache):
         self.tile_real = torch.zeros(0, tiles, dtype=torch.bool, device=device)
         self.sees = torch.zeros(max_len, 0, dtype=torch.bool, device=device)
         self.is_image = torch.zeros(max_len, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(max_len, dtype=torch.long, device=device)  # what each slot holds
 
     @property
     def n_images(self) -> int:
@@ -100,11 +104,19 @@ class MllamaCache(KVCache):
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
         self.sees[start:end] = torch.stack(rows).to(self.sees.device)
         self.is_image[start:end] = torch.tensor(flags, device=self.is_image.device)
+        self.tokens[start:end] = torch.tensor(list(ids), device=self.tokens.device)
 
-    def repeat_previous(self, slots: torch.Tensor) -> None:
-        """A decoded token sees what the token before it saw (tensor ops: capturable)."""
+    def blind_before(self, start: int) -> bool:
+        """Whether a token before `start` sees no image: its cross-attention output is
+        taken over every image of the cache, so it changes when an image is added."""
+        return start > 0 and not bool(self.sees[:start].any(dim=1).all())
+
+    def decoded(self, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """A decoded token (1, T) at `slots` sees what the token before it saw, as text
+        (tensor ops only: capturable)."""
         self.sees.index_copy_(0, slots, self.sees.index_select(0, slots - 1))
         self.is_image.index_fill_(0, slots, False)
+        self.tokens.index_copy_(0, slots, tokens.reshape(-1))
 
     def cross_mask(self, slots: int | torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For the tokens at `slots`: the boolean key mask (1, 1, T, n_images * tiles * P) and
@@ -316,16 +328,24 @@ class MllamaModel(VisionLanguageModel):
         if added != needed:
             # sequence.py checks this before any forward pass; this guards direct callers
             raise ValueError(f"{needed} <|image|> tokens but {added} new images")
+        if added and cache.blind_before(start):
+            # transformers attends from those tokens to every image of the prompt: a fresh
+            # run over this prompt would give them (and all after them) other values, so the
+            # text before `start` is run again against the images now cached (only the
+            # text: the images' keys and values are not recomputed)
+            tokens = cache.tokens[:start].tolist() + tokens
+            ids = torch.tensor([tokens], device=ids.device)
+            start = 0
         cache.mark(start, tokens, image_id)
         return self.decoder(self.embed(ids), start, cache, positions=positions)[:, -1]
 
     def step(self, tokens, slots, cache: MllamaCache, positions=None):
         if isinstance(slots, int):
-            cache.repeat_previous(torch.tensor([slots], device=cache.sees.device))
+            cache.decoded(torch.tensor([slots], device=cache.sees.device), tokens)
         else:
             if slots.dim() != 1:
                 raise ValueError("Llama 3.2 Vision decodes one sequence at a time")
-            cache.repeat_previous(slots)
+            cache.decoded(slots, tokens)
         return self.decoder(self.decoder.embed_tokens(tokens), slots, cache, positions=positions)[:, -1]
 
     def forward(self, input_ids, pixels, cache, pos: int = 0, last_only: bool = True, grids=None):
