@@ -225,6 +225,17 @@ def test_tensor_slot_step_equals_eager_step(mllama, make_test_image):
         torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
 
 
+def test_batched_caches_are_refused_in_words(mllama):
+    """The server's batched cache (rows per sequence) would lose the images: refused."""
+    from vlmcli.errors import UnsupportedModelError
+
+    model = mllama[3].model
+    with pytest.raises(UnsupportedModelError, match="one sequence at a time"):
+        model.new_cache(32, batch=4)
+    with pytest.raises(UnsupportedModelError, match="cannot batch"):
+        model.new_cache(32).view(slice(0, 1))
+
+
 @pytest.mark.slow
 def test_compiled_step_gives_the_eager_tokens(mllama, make_test_image):
     _, _, _, ours = mllama

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmcli.errors import UnsupportedModelError
 from vlmcli.families.mllama.config import EXTRA_EMBEDDINGS, MllamaConfig
 from vlmcli.families.mllama.vision import MllamaVisionTower
 from vlmcli.model.decoder import MLP, Block, Decoder, RMSNorm
@@ -42,6 +43,9 @@ from vlmcli.model.embedding import Embedding
 from vlmcli.model.kv_cache import KVCache
 from vlmcli.model.multimodal import VisionLanguageModel
 from vlmcli.model.rope import RotaryEmbedding
+
+
+NO_BATCH = "Llama 3.2 Vision decodes one sequence at a time (its images are per sequence): vlm serve cannot batch it yet"
 
 
 class MllamaCache(KVCache):
@@ -63,6 +67,10 @@ class MllamaCache(KVCache):
         self.sees = torch.zeros(max_len, 0, dtype=torch.bool, device=device)
         self.is_image = torch.zeros(max_len, dtype=torch.bool, device=device)
         self.tokens = torch.zeros(max_len, dtype=torch.long, device=device)  # what each slot holds
+
+    def view(self, rows: slice = slice(None), length: int | None = None) -> "KVCache":
+        # a plain view would drop the images without a word
+        raise UnsupportedModelError(NO_BATCH)
 
     @property
     def n_images(self) -> int:
@@ -215,7 +223,7 @@ class MllamaDecoder(Decoder):
 
     def new_cache(self, max_len: int | None = None, batch: int = 1) -> MllamaCache:
         if batch != 1:
-            raise ValueError("Llama 3.2 Vision decodes one sequence at a time (its image state is per sequence)")
+            raise UnsupportedModelError(NO_BATCH)
         w = self.embed_tokens.weight
         max_len = max_len or self.cfg.max_position_embeddings
         if self.rope is not None:
