@@ -443,7 +443,13 @@ class Tokenizer:
         if not path.is_dir():
             raise CheckpointError(f"tokenizer folder {path} does not exist or is not a folder")
         tok_file = path / TOKENIZER_FILE
-        if not tok_file.is_file():
+        defaults: dict[str, Any] = {}
+        if not tok_file.is_file() and (path / "qwen.tiktoken").is_file():
+            # Qwen-VL ships a tiktoken vocabulary instead, converted here once in memory
+            from vlmcli.families.qwen_vl.tokenizer import TIKTOKEN_FILE, TOKEN_NAMES, backend_from_tiktoken
+
+            backend, defaults = backend_from_tiktoken(path / TIKTOKEN_FILE), dict(TOKEN_NAMES)
+        elif not tok_file.is_file():
             present = [n for n in ("tokenizer.model", "vocab.json", "merges.txt", "tekken.json") if (path / n).exists()]
             hint = (
                 f"found only {', '.join(present)}; this tool reads the fast-tokenizer format (tokenizer.json), "
@@ -452,21 +458,22 @@ class Tokenizer:
                 else "the model folder is incomplete; download it again"
             )
             raise CheckpointError(f"missing tokenizer file in {path}: {TOKENIZER_FILE}", hint=hint)
-        try:
-            backend = _Backend.from_file(str(tok_file))
-        except Exception as e:
-            raise CheckpointError(
-                f"{tok_file} is not a tokenizer the `tokenizers` library can read ({e})",
-                hint="the file may be truncated; download it again",
-            ) from e
+        else:
+            try:
+                backend = _Backend.from_file(str(tok_file))
+            except Exception as e:
+                raise CheckpointError(
+                    f"{tok_file} is not a tokenizer the `tokenizers` library can read ({e})",
+                    hint="the file may be truncated; download it again",
+                ) from e
 
-        config: dict[str, Any] = {}
+        config: dict[str, Any] = defaults
         config_file = path / TOKENIZER_CONFIG_FILE
         if config_file.is_file():
             loaded = _read_json(config_file)
             if not isinstance(loaded, dict):
                 raise CheckpointError(f"{config_file} should hold a JSON object")
-            config = loaded
+            config = {**defaults, **loaded}
 
         # Old checkpoints: without an added_tokens_decoder in the config, transformers also
         # reads special_tokens_map.json, whose entries win over the config's.

@@ -29,6 +29,7 @@ contract below and never on a family's module names.
     qwen2_vl          Qwen2-VL          qwen2_vl/     tokens, native resolution; 3-D (M-RoPE) positions
     qwen2_5_vl        Qwen2.5-VL        qwen2_5_vl/   as Qwen2-VL (its processor and decoder); windowed ViT
     mllama            Llama 3.2 Vision  mllama/       never: cross-attention layers in the decoder
+    qwen              Qwen-VL           qwen_vl/      tokens, 256 from a cross-attention resampler
     llama, qwen2 ...  text              text/         no images: a language model alone (text-only GGUF)
 
 Adding a family: a folder with its config parsing, weight names, processor and model
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
 _FAMILY_MODULES = (
     "vlmcli.families.llava", "vlmcli.families.internvl", "vlmcli.families.paligemma", "vlmcli.families.qwen2_vl",
     "vlmcli.families.qwen2_5_vl", "vlmcli.families.mllama", "vlmcli.families.text",
+    "vlmcli.families.qwen_vl",
 )
 
 
