@@ -352,7 +352,7 @@ def test_hub_config_reads_as_mllama():
     family, cfg = parse_config(hub_config_11b())
     assert family.name == "Llama 3.2 Vision" and describe(hub_config_11b()).startswith("Llama 3.2 Vision")
     assert cfg.text.rope.rope_type == "llama3" and cfg.text.rope.theta == 500000.0
-    assert cfg.vision.patches_per_tile == 1601 and cfg.projection.projection_type == "cross_attention"
+    assert cfg.vision.patches_per_tile == 1601 and cfg.projection.projection_type == "decoder_cross_attention"
     assert cfg.self_attention_layers[:4] == (0, 1, 2, 4)
 
 
@@ -362,4 +362,4 @@ def test_info_names_the_projection(mllama):
     path, _, _, _ = mllama
     info = model_info(str(path))
     assert info["family"] == "Llama 3.2 Vision"
-    assert info["projector"]["type"] == "cross_attention"
+    assert info["projector"]["type"] == "decoder_cross_attention"

@@ -57,7 +57,9 @@ class ProjectionConfig:
     d_vision: int  # input width: d_vision times the number of feature layers concatenated
     d_language: int  # the decoder's d_model
     d_hidden: int | None = None  # MLP hidden width; None means d_language (LLaVA-1.5)
-    projection_type: str = "mlp"  # linear (LLaVA v1) | mlp (LLaVA-1.5) | cross_attention
+    # linear (LLaVA v1) | mlp (LLaVA-1.5) | cross_attention (a resampler) | decoder_cross_attention
+    # (Llama 3.2 Vision: a Linear whose output the decoder's cross-attention layers read)
+    projection_type: str = "mlp"
     activation: str = "gelu"
     bias: bool = True
 

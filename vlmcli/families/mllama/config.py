@@ -187,7 +187,8 @@ def parse_mllama(cfg: dict[str, Any]) -> MllamaConfig:
         d_vision=vision.d_out,
         d_language=text.d_model,
         # one Linear into the decoder's width, read by the decoder's cross-attention layers
-        projection_type="cross_attention",
+        # (not the seed's cross_attention resampler, which makes tokens: Qwen-VL)
+        projection_type="decoder_cross_attention",
         activation="none",
         bias=True,
     )
@@ -197,7 +198,8 @@ def parse_mllama(cfg: dict[str, Any]) -> MllamaConfig:
         projection=projection,
         text=text,
         image_token_id=int(cfg.get("image_token_index", cfg.get("image_token_id", IMAGE_TOKEN_ID))),
-        vision_feature_layers=(-1,),
+        # what `vlm info` shows: the intermediate local blocks and the last (global) one
+        vision_feature_layers=(*vision.intermediate_layers, -1),
         vision_feature_select_strategy="full",
         raw=cfg,
         cross_attention_layers=_ints(text_cfg["cross_attention_layers"], "text_config.cross_attention_layers"),
