@@ -364,3 +364,44 @@ def test_info_names_the_projection(mllama):
     info = model_info(str(path))
     assert info["family"] == "Llama 3.2 Vision"
     assert info["projector"]["type"] == "decoder_cross_attention"
+
+
+@pytest.fixture(scope="module")
+def hub_template(mllama, tmp_path_factory):
+    """The tiny checkpoint with the 11B-Vision-Instruct chat template."""
+    import shutil
+
+    from tests.mllama_checkpoints import HUB_CHAT_TEMPLATE
+
+    path = tmp_path_factory.mktemp("mllama-hub-template") / "model"
+    shutil.copytree(mllama[0], path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": HUB_CHAT_TEMPLATE}))
+    return path, reference_processor(path), Pipeline.load(str(path), "cpu")
+
+
+@pytest.mark.parametrize("case", ["image", "text", "chat"])
+def test_the_hub_chat_template_renders_as_transformers(hub_template, make_test_image, case):
+    """Images: no system turn; text only: the dated system turn (strftime_now); a chat
+    with the image in the first turn."""
+    path, processor, ours = hub_template
+    image = make_test_image(size=WIDE, seed=1)
+    messages, images = {
+        "image": ([user_message(PROMPT, 1)], [image]),
+        "text": ([user_message(PROMPT)], []),
+        "chat": ([user_message(PROMPT, 1), {"role": "assistant", "content": [{"type": "text", "text": "A box."}]},
+                  user_message("And the colour?")], [image]),
+    }[case]
+    seq = ours.build_prompt(messages, [1] * len(images))
+    assert seq.ids == _reference(processor, messages, images)["input_ids"][0].tolist()
+    if case == "text":
+        assert "Cutting Knowledge Date" in ours.tokenizer.decode(seq.ids)
+    assert ours.ask(messages, images, SamplingOptions(max_new_tokens=4)).tokens
+
+
+def test_the_hub_template_refuses_a_system_turn_with_images(hub_template, make_test_image):
+    from vlmcli.tokenizer import ChatTemplateError
+
+    _, _, ours = hub_template
+    messages = [{"role": "system", "content": "Be brief."}, user_message(PROMPT, 1)]
+    with pytest.raises(ChatTemplateError, match="incompatible with system messages"):
+        ours.build_prompt(messages, [1])
