@@ -176,6 +176,14 @@ def test_an_existing_output_is_refused_unless_resume_or_force(capsys, demo, coll
     assert [comparable(r) for r in read_jsonl(out)] == [reference(demo, collection[1][0])]
 
 
+def test_a_run_that_fails_to_start_leaves_no_output(capsys, collection, tmp_path):
+    for name in ("out.jsonl", "out.parquet"):
+        out = tmp_path / name
+        code, stdout, err = run(capsys, "batch", collection[1][0], "-o", out, "-m", tmp_path / "no-model")
+        assert (code, stdout, err.count("\n")) == (2, "", 1) and err.startswith("error: ")  # no such model: usage
+        assert os.listdir(tmp_path) == []
+
+
 def test_manifests_with_ids_and_prompts(capsys, demo, collection, tmp_path):
     paths = collection[1]
     folder = Path(paths[0]).parent

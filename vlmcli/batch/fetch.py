@@ -12,13 +12,15 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from vlmcli import inputs
 from vlmcli.batch.sources import Row, filesystem_for, is_uri
 from vlmcli.errors import ImageError, VlmError
 
 READ_AHEAD = 4  # images read before the model asks for them
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def fetch(row: Row, *, max_bytes: int = inputs.MAX_DOWNLOAD_BYTES) -> inputs.ImageInput:
@@ -30,16 +32,22 @@ def fetch(row: Row, *, max_bytes: int = inputs.MAX_DOWNLOAD_BYTES) -> inputs.Ima
         return inputs.ImageInput(where, inputs.fetch_url(where, max_bytes=max_bytes))
     if is_uri(where):
         return inputs.ImageInput(where, _read_uri(where, max_bytes))
-    path = Path(where)
+    return read_file(inputs.ImageInput(where, Path(where)))
+
+
+def read_file(image: inputs.ImageInput) -> inputs.ImageInput:
+    """A file's image as its bytes (other sources as they are)."""
+    if not isinstance(image.source, Path):
+        return image
     try:
-        return inputs.ImageInput(where, path.read_bytes())
+        return inputs.ImageInput(image.name, image.source.read_bytes())
     except OSError:
         # the file's own reader words it as `vlm describe` does (no such file, a directory,
         # permission denied)
         from vlmcli.preprocess import probe_image
 
-        probe_image(path, name=where)
-        raise ImageError(f"cannot read image '{where}'") from None
+        probe_image(image.source, name=image.name)
+        raise ImageError(f"cannot read image '{image.name}'") from None
 
 
 def _read_uri(uri: str, max_bytes: int) -> bytes:
@@ -61,14 +69,20 @@ def _read_uri(uri: str, max_bytes: int) -> bytes:
 def read_ahead(rows: Iterable[Row], depth: int = READ_AHEAD) -> Iterator[tuple[Row, inputs.ImageInput | ImageError]]:
     """(row, its bytes or why not) in the order of `rows`, read by a background thread up to
     `depth` rows ahead. Closing the iterator stops the thread."""
+    return ahead(rows, fetch, depth)
+
+
+def ahead(items: Iterable[T], read: Callable[[T], R], depth: int = READ_AHEAD) -> Iterator[tuple[T, R | ImageError]]:
+    """(item, read(item) or the ImageError it raised) in order, `read` run by a background
+    thread up to `depth` items ahead. Closing the iterator stops the thread."""
     done = object()
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
-    def put(item) -> bool:
+    def put(entry) -> bool:
         while not stop.is_set():
             try:
-                slots.put(item, timeout=0.1)
+                slots.put(entry, timeout=0.1)
                 return True
             except queue.Full:
                 continue
@@ -76,27 +90,27 @@ def read_ahead(rows: Iterable[Row], depth: int = READ_AHEAD) -> Iterator[tuple[R
 
     def reader() -> None:
         try:
-            for row in rows:
+            for item in items:
                 try:
-                    item = (row, fetch(row))
+                    entry = (item, read(item))
                 except ImageError as e:
-                    item = (row, e)
-                if not put(item):
+                    entry = (item, e)
+                if not put(entry):
                     return
             put(done)
-        except BaseException as e:  # a bug in reading: raised again where the rows are taken
+        except BaseException as e:  # a bug in reading: raised again where the items are taken
             put(e)
 
-    thread = threading.Thread(target=reader, name="vlm-batch-reader", daemon=True)
+    thread = threading.Thread(target=reader, name="vlm-read-ahead", daemon=True)
     thread.start()
     try:
         while True:
-            item = slots.get()
-            if item is done:
+            entry = slots.get()
+            if entry is done:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            if isinstance(entry, BaseException):
+                raise entry
+            yield entry
     finally:
         stop.set()
         thread.join(timeout=1.0)  # a daemon: a fetch still waiting on the network ends with the process

@@ -65,6 +65,8 @@ class JsonlOutput:
         self.done: set[str] = set()  # ids of the rows already there
         self.failed: set[str] = set()  # the ids among them of error rows
         self.notes: list[str] = []  # what was repaired, for the user
+        self.written = 0  # rows this run
+        self._created = not path.exists()
         if path.exists():
             for record in self._whole_rows():
                 self._count(record)
@@ -106,6 +108,7 @@ class JsonlOutput:
         # one write of one whole line: a kill leaves this line out or partial, never an earlier one
         self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
         self._file.flush()
+        self.written += 1
         if time.monotonic() - self._synced_at >= FSYNC_EVERY_S:
             os.fsync(self._file.fileno())
             self._synced_at = time.monotonic()
@@ -115,6 +118,8 @@ class JsonlOutput:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
+        if self._created and not self.written:  # a run that ended before its first row leaves no file
+            self.path.unlink(missing_ok=True)
 
 
 class ParquetOutput:
@@ -146,8 +151,8 @@ class ParquetOutput:
     def close(self) -> None:
         """Merge the journal into OUT.parquet (rows already there first) and remove it."""
         self.journal.close()
-        if self.path.exists() and self.journal.path.stat().st_size == 0:  # nothing new
-            self.journal.path.unlink()
+        if not self.journal.path.exists() or self.journal.path.stat().st_size == 0:  # nothing new
+            self.journal.path.unlink(missing_ok=True)
             return
         pq = require_pyarrow("a Parquet output").parquet
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
@@ -165,7 +170,7 @@ class ParquetOutput:
                     if len(chunk) == MERGE_ROWS:
                         writer.write_table(records.to_table(chunk))
                         chunk = []
-                if chunk or not self.path.exists():
+                if chunk:
                     writer.write_table(records.to_table(chunk))
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())

@@ -12,6 +12,7 @@ import typer
 from rich.markup import escape
 
 from vlmcli import inputs
+from vlmcli.batch.fetch import ahead, read_file
 from vlmcli.cli import options
 from vlmcli.cli.common import load_pipeline, sampling_options, set_max_image_pixels
 from vlmcli.cli.console import err_console, notice, progress_bar, state, write_result
@@ -95,7 +96,9 @@ def describe(
     bar_total = len(images) if len(images) > 1 and not sys.stdout.isatty() else None
     blocks = 0  # headed blocks written to stdout
     with progress_bar("describing", total=bar_total) if bar_total else nullcontext() as update:
-        for i, (item, tiny) in enumerate(images):
+        # each file read by a background thread while the model describes the one before
+        # (a few at a time: a long list is not held in memory); decoding stays with the model
+        for i, ((item, tiny), read) in enumerate(ahead(images, lambda entry: read_file(entry[0]))):
             # the header goes out with the first text (or the empty answer), so an image that
             # turns out to be undecodable leaves none behind
             header = [f"==> {item.name} <=="] if total > 1 and not json_lines else []
@@ -108,7 +111,9 @@ def describe(
                 write_result(piece)
 
             try:
-                answer = pipe.describe([item], prompt, opts, on_text=None if json_lines else stream)
+                if isinstance(read, ImageError):
+                    raise read
+                answer = pipe.describe([read], prompt, opts, on_text=None if json_lines else stream)
             except ImageError as e:
                 if total == 1:
                     raise
