@@ -395,7 +395,8 @@ def test_qwen_vl_chat_key_layout_loads_on_meta(monkeypatch, tmp_path):
     assert sum(math.prod(s) for s, _ in tensors.values()) == 9_656_935_168  # Qwen-VL-Chat's 9.66B
     assert describe(QWEN_VL_CHAT_CONFIG) == "Qwen-VL (ViT-bigG, cross-attention resampler projector, QWen decoder)"
     cfg = loaded.config
-    assert (cfg.image_token_id, cfg.max_visual_tokens(), cfg.text.context_length) == (151859, 256, 2048)
+    assert (cfg.image_token_id, cfg.max_visual_tokens(), cfg.text.context_length) == (151859, 256, 8192)
+    assert (cfg.seq_length, cfg.use_dynamic_ntk, cfg.use_logn_attn) == (2048, True, True)
 
     missing = dict(tensors)
     missing.pop("transformer.visual.attn_pool.pos_embed")
@@ -419,9 +420,8 @@ def test_config_refusals():
     ):
         with pytest.raises(error, match=match):
             parse_config({**base, **change})
-    # without dynamic NTK and logn scaling the context is max_position_embeddings
-    _, cfg = parse_config({**base, "use_dynamic_ntk": False, "use_logn_attn": False})
-    assert cfg.text.context_length == 8192
+    with pytest.raises(CheckpointError, match="seq_length"):
+        parse_config({**base, "seq_length": 1})
 
 
 # ---- end to end
@@ -460,3 +460,94 @@ def test_describe_and_chat_end_to_end(qwen_vl, make_test_image, capsys, monkeypa
     assert first.tokens == pipe.ask(session.messages[:-1], session.images, session.opts).tokens
     second = session.ask("And again?")
     assert second.tokens == pipe.ask(session.messages[:-1], session.images, session.opts).tokens
+
+
+# ---- past seq_length: dynamic NTK and logn attention
+
+
+def qwen_reference_logits(t: dict, cfg: dict, ids: torch.Tensor, alpha: float) -> torch.Tensor:
+    """modeling_qwen.py's QWenModel over `ids` written out: RoPE with base
+    base * alpha^(d/(d-2)), queries at position p scaled by log_{seq_length}(p + 1) past
+    seq_length, causal softmax attention, SwiGLU a1 * silu(a2); logits (T, vocab)."""
+    d, H = cfg["hidden_size"], cfg["num_attention_heads"]
+    hd, S, T = d // H, cfg["seq_length"], ids.shape[1]
+    base = cfg["rotary_emb_base"] * alpha ** (hd / (hd - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, hd, 2).float() / hd))
+    freqs = torch.outer(torch.arange(T).float(), inv_freq)
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+
+    def rope(x):  # (T, H, hd)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return x * cos[:, None] + torch.cat([-x2, x1], -1) * sin[:, None]
+
+    def rms(x, w):
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg["layer_norm_epsilon"]))
+
+    logn = torch.tensor([math.log(i, S) if i > S else 1.0 for i in range(1, T + 1)])
+    x = t["transformer.wte.weight"][ids[0]]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(cfg["num_hidden_layers"]):
+        h = f"transformer.h.{i}."
+        y = rms(x, t[h + "ln_1.weight"])
+        q, k, v = F.linear(y, t[h + "attn.c_attn.weight"], t[h + "attn.c_attn.bias"]).split(d, -1)
+        q, k, v = rope(q.view(T, H, hd)), rope(k.view(T, H, hd)), v.view(T, H, hd)
+        q = q * logn[:, None, None]
+        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+        w = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        a = torch.einsum("hqk,khd->qhd", w, v).reshape(T, d)
+        x = x + F.linear(a, t[h + "attn.c_proj.weight"])
+        y = rms(x, t[h + "ln_2.weight"])
+        y = F.linear(y, t[h + "mlp.w1.weight"]) * F.silu(F.linear(y, t[h + "mlp.w2.weight"]))
+        x = x + F.linear(y, t[h + "mlp.c_proj.weight"])
+    return F.linear(rms(x, t["transformer.ln_f.weight"]), t["lm_head.weight"])
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """seq_length 16: a 40-token prompt is past it (alpha 7, logn > 1 from position 16)."""
+    from backends.cpu import CpuBackend
+    from safetensors.torch import load_file
+
+    from vlmcli.loader import load_model
+
+    folder = write_qwen_vl(tmp_path_factory.mktemp("qwen_vl") / "short", seq_length=16)
+    return load_model(folder, CpuBackend()), load_file(str(folder / "model.safetensors")), json.loads(
+        (folder / "config.json").read_text()
+    )
+
+
+def test_ntk_alpha_steps():
+    from vlmcli.families.qwen_vl.decoder import ntk_alpha
+
+    assert [ntk_alpha(n, 2048) for n in (1, 2048, 2049, 4096, 4097, 8192)] == [1, 1, 3, 3, 7, 7]
+
+
+@pytest.mark.parametrize("prompt_len", [12, 40])
+def test_dynamic_ntk_and_logn_past_seq_length(short_context, prompt_len):
+    """A prefill of prompt_len tokens then decode steps to 48 against the written-out
+    reference: alpha is the prefill's (the steps keep it, as modeling_qwen.py's cached alpha)."""
+    from vlmcli.families.qwen_vl.decoder import ntk_alpha
+
+    loaded, t, cfg = short_context
+    torch.manual_seed(2)
+    ids = torch.randint(0, 700, (1, 48))
+    alpha = ntk_alpha(prompt_len, 16)
+    assert alpha == (1 if prompt_len <= 16 else 7)
+    model = loaded.model
+    with torch.no_grad():
+        expected = qwen_reference_logits(t, cfg, ids, alpha)
+        cache = model.new_cache(64)
+        first = model.prefill(ids[:, :prompt_len], None, cache)[0]
+        steps = [model.step(ids[:, i : i + 1], i, cache)[0] for i in range(prompt_len, 48)]
+        # the capturable form: tensor slots
+        cache2 = model.new_cache(64)
+        model.prefill(ids[:, :prompt_len], None, cache2)
+        tensor_steps = [model.step(ids[:, i : i + 1], torch.tensor([i]), cache2)[0] for i in range(prompt_len, 48)]
+    scale = expected.abs().max().item()
+    assert (first - expected[prompt_len - 1]).abs().max().item() < 2e-5 * scale
+    assert (torch.stack(steps) - expected[prompt_len:]).abs().max().item() < 2e-5 * scale
+    assert (torch.stack(tensor_steps) - expected[prompt_len:]).abs().max().item() < 2e-5 * scale
+    # the scalings matter here: the plain decoder's logits are far off past position 16
+    plain = qwen_reference_logits(t, {**cfg, "seq_length": 10**6}, ids, 1.0)
+    assert (plain[20:] - expected[20:]).abs().max().item() > 0.05 * scale

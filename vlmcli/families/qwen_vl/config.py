@@ -83,6 +83,9 @@ class QwenVLConfig(MultiModalConfig):
                 raise CheckpointError(f"config.json: visual {name} {n} is not a square grid")
         if v.image_size % v.patch_size:
             raise CheckpointError(f"config.json: visual image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+        if self.seq_length < 2:
+            # logn scaling divides by log(seq_length)
+            raise CheckpointError(f"config.json: seq_length must be at least 2, not {self.seq_length}")
         if v.output_dim % RESAMPLER_HEAD_DIM or v.output_dim % 2:
             raise CheckpointError(f"config.json: visual output_dim {v.output_dim} is not a multiple of {RESAMPLER_HEAD_DIM}")
 
@@ -133,10 +136,9 @@ def parse_qwen_vl(cfg: dict[str, Any]) -> QwenVLConfig:
         raise CheckpointError(f"config.json: kv_channels {head_dim} x {n_heads} heads is not hidden_size {d_model}")
     seq_length = int(get("seq_length"))
     dynamic_ntk, logn = bool(get("use_dynamic_ntk")), bool(get("use_logn_attn"))
-    # Within seq_length tokens both scalings are exactly off (ntk_alpha 1, logn factor 1);
-    # past it the published code rescales RoPE per forward call and queries per position,
-    # which vlm does not reproduce: the context stops at seq_length then.
-    context = seq_length if (dynamic_ntk or logn) else int(get("max_position_embeddings"))
+    # past seq_length the decoder rescales RoPE (dynamic NTK) and the queries (logn), as
+    # modeling_qwen.py does; the context is max_position_embeddings either way
+    context = int(get("max_position_embeddings"))
     text = text_from_hf(dict(
         model_type="qwen2",
         vocab_size=int(get("vocab_size")),

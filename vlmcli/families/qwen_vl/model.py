@@ -1,8 +1,8 @@
 """Qwen-VL assembled: ViT-bigG -> resampler (256 queries) -> ln_post @ proj -> visual tokens
 over the 256 <imgpad> slots of each <img>...</img> span -> the QWen decoder.
 
-The QWen decoder is vlm's shared Decoder in its Qwen2 form with q/k/v fused into one layer,
-as c_attn stores them (q, k, v side by side with their biases). Everything after the visual
+The QWen decoder (decoder.py) is vlm's shared Decoder in its Qwen2 form with q/k/v fused into
+one layer, as c_attn stores them, plus dynamic NTK and logn scaling past seq_length. Everything after the visual
 tokens (embedding, scatter, cache, prefill / step) is VisionLanguageModel's.
 """
 
@@ -14,18 +14,9 @@ import torch
 from torch import nn
 
 from vlmcli.families.qwen_vl.config import QwenVLConfig
+from vlmcli.families.qwen_vl.decoder import QwenDecoder
 from vlmcli.families.qwen_vl.vision import QwenVisionTower, QwenVLProjector
-from vlmcli.model.decoder import Decoder
 from vlmcli.model.multimodal import VisionLanguageModel, VisualTokens
-
-
-def fused_decoder(cfg: QwenVLConfig) -> Decoder:
-    decoder = Decoder(cfg.text)
-    t = cfg.text
-    for layer in decoder.layers:
-        width = (t.n_heads + 2 * t.n_kv_heads) * t.head_dim
-        layer.self_attn.fuse_qkv(nn.Linear(t.d_model, width, bias=True))
-    return decoder
 
 
 class QwenVLModel(VisionLanguageModel):
@@ -36,7 +27,7 @@ class QwenVLModel(VisionLanguageModel):
         self.cfg = cfg
         self.vision = QwenVisionTower(cfg.vision)
         self.projector = QwenVLProjector(cfg.vision)
-        self.decoder = fused_decoder(cfg)
+        self.decoder = QwenDecoder(cfg.text, cfg.seq_length, cfg.use_dynamic_ntk, cfg.use_logn_attn)
 
     def vision_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.vision(pixels)
