@@ -171,6 +171,17 @@ def hub_config_11b() -> dict:
     }
 
 
+def hub_config_90b() -> dict:
+    """meta-llama/Llama-3.2-90B-Vision-Instruct's: the 11B's tower, a Llama 3.1 70B decoder
+    with a cross-attention layer every 5 of its 100."""
+    config = hub_config_11b()
+    config["text_config"].update(
+        cross_attention_layers=list(range(3, 100, 5)), hidden_size=8192, intermediate_size=28672,
+        num_attention_heads=64, num_hidden_layers=100, num_key_value_heads=8,
+    )
+    return config
+
+
 # The chat template of meta-llama/Llama-3.2-11B-Vision-Instruct (its tokenizer_config.json /
 # chat_template.json), as public code that uses it reproduces it: a dated system turn when
 # there is no image, <|image|> for image parts, images refused with a system message, tools.

@@ -16,7 +16,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from tests.mllama_checkpoints import hub_config_11b, make_mllama_checkpoint, reference_processor  # noqa: E402
+from tests.mllama_checkpoints import (  # noqa: E402
+    hub_config_11b,
+    hub_config_90b,
+    make_mllama_checkpoint,
+    reference_processor,
+)
 from vlmcli.chat import ChatSession  # noqa: E402
 from vlmcli.families import describe, family_for, parse_config  # noqa: E402
 from vlmcli.generate import SamplingOptions, Timings  # noqa: E402
@@ -315,12 +320,13 @@ def _to_hub_names(key: str) -> str:
     return key
 
 
-@pytest.mark.parametrize("layout", ["hub", "transformers5"])
-def test_hub_key_layout_loads(layout, monkeypatch, tmp_path):
+@pytest.mark.parametrize("size, layout", [("11B", "hub"), ("11B", "transformers5"), ("90B", "hub")])
+def test_hub_key_layout_loads(size, layout, monkeypatch, tmp_path):
     from backends.cpu import CpuBackend
     from vlmcli import loader
 
-    config = hub_config_11b()
+    config = hub_config_11b() if size == "11B" else hub_config_90b()
+    d, n_cross, n_self = (4096, 8, 32) if size == "11B" else (8192, 20, 80)
     with torch.device("meta"):
         model = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig.from_dict(config))
     tensors = {k: (tuple(v.shape), "BF16") for k, v in model.state_dict().items()}
@@ -341,12 +347,13 @@ def test_hub_key_layout_loads(layout, monkeypatch, tmp_path):
     ours = {n: tuple(p.shape) for n, p in loaded.model.named_parameters()}
     mapped = {family.weight_name(k): shape for k, (shape, _) in tensors.items()}
     assert mapped == ours  # every tensor has its place, and every parameter its tensor
-    assert ours["decoder.embed_tokens.weight"] == (128264, 4096)  # vocab + 8
-    assert ours["decoder.lm_head.weight"] == (128256, 4096)
+    assert ours["decoder.embed_tokens.weight"] == (128264, d)  # vocab + 8
+    assert ours["decoder.lm_head.weight"] == (128256, d)
     assert ours["vision.gated_positional_embedding.tile_embedding.weight"] == (9, 4 * 1601 * 1280)
-    assert ours["projector.weight"] == (4096, 7680)
-    assert sum(1 for b in loaded.model.decoder.layers if hasattr(b, "cross_attn")) == 8
-    assert loaded.model.new_cache(16).k.shape[0] == 32  # self-attention layers only
+    assert ours["projector.weight"] == (d, 7680)
+    assert sum(1 for b in loaded.model.decoder.layers if hasattr(b, "cross_attn")) == n_cross
+    cache = loaded.model.new_cache(16)
+    assert cache.k.shape[0] == n_self and cache.xk.shape[0] == n_cross  # self-attention layers only
 
 
 def test_hub_config_reads_as_mllama():

@@ -105,6 +105,11 @@ class MllamaConfig(MultiModalConfig):
                 f"config.json: supported_aspect_ratios {[list(a) for a in v.supported_aspect_ratios]} must use "
                 f"at most max_num_tiles {v.max_num_tiles} tiles"
             )
+        if not 0 <= self.image_token_id < t.vocab_size + EXTRA_EMBEDDINGS:
+            raise CheckpointError(
+                f"config.json: image_token_index {self.image_token_id} is outside the embedding's "
+                f"{t.vocab_size + EXTRA_EMBEDDINGS} rows"
+            )
         if t.tie_word_embeddings:
             # the embedding has 8 rows more than lm_head: they cannot be one matrix
             raise UnsupportedModelError("Llama 3.2 Vision with tie_word_embeddings is not supported")
