@@ -99,7 +99,9 @@ class MllamaConfig(MultiModalConfig):
                 f"(1 + {len(v.intermediate_layers)} intermediate layers)"
             )
         if v.image_size % v.patch_size:
-            raise CheckpointError(f"config.json: vision image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+            raise CheckpointError(
+                f"config.json: vision image_size {v.image_size} is not a multiple of patch_size {v.patch_size}"
+            )
         if v.max_num_tiles < 1 or any(h * w > v.max_num_tiles or h < 1 or w < 1 for h, w in v.supported_aspect_ratios):
             raise CheckpointError(
                 f"config.json: supported_aspect_ratios {[list(a) for a in v.supported_aspect_ratios]} must use "

@@ -38,7 +38,7 @@ from torch import nn
 from vlmcli.errors import UnsupportedModelError
 from vlmcli.families.mllama.config import EXTRA_EMBEDDINGS, MllamaConfig
 from vlmcli.families.mllama.vision import MllamaVisionTower
-from vlmcli.model.decoder import MLP, Block, Decoder, RMSNorm
+from vlmcli.model.decoder import MLP, Decoder, RMSNorm
 from vlmcli.model.embedding import Embedding
 from vlmcli.model.kv_cache import KVCache
 from vlmcli.model.multimodal import VisionLanguageModel
@@ -154,7 +154,8 @@ class CrossAttention(nn.Module):
         n, L, _ = states.shape
         k = self.k_norm(self.k_proj(states).view(n, L, self.n_kv, self.head_dim))
         v = self.v_proj(states).view(n, L, self.n_kv, self.head_dim)
-        return k.reshape(1, n * L, self.n_kv, self.head_dim).transpose(1, 2), v.reshape(1, n * L, self.n_kv, self.head_dim).transpose(1, 2)
+        shape = (1, n * L, self.n_kv, self.head_dim)
+        return k.reshape(shape).transpose(1, 2), v.reshape(shape).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

@@ -106,7 +106,8 @@ class MllamaProcessor:
         h, w = fit_to_canvas(image.height, image.width, rows * S, cols * S, S)
         # resized only: the padding is added to the 0..255 values, as the reference pads
         # before it rescales and normalises
-        x = preprocess(image, dataclasses.replace(ic, size=(h, w), do_center_crop=False, do_rescale=False, do_normalize=False))
+        resize_only = dataclasses.replace(ic, size=(h, w), do_center_crop=False, do_rescale=False, do_normalize=False)
+        x = preprocess(image, resize_only)
         canvas = torch.zeros(3, rows * S, cols * S, dtype=torch.float32)
         canvas[:, :h, :w] = x
         if ic.do_rescale:
