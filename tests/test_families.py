@@ -13,7 +13,7 @@ from vlmcli.families.llava.templates import CHATML_CHAT_TEMPLATE, LLAVA_DEFAULT_
 def test_supported_model_types():
     assert supported_model_types() == [
         "gemma", "gemma2", "internvl", "llama", "llava", "llava_next", "llava_onevision", "mistral", "mllama",
-        "paligemma", "qwen2", "qwen2_5_vl", "qwen2_vl",
+        "paligemma", "qwen", "qwen2", "qwen2_5_vl", "qwen2_vl",
     ]
     assert [family_for({"model_type": t}).name for t in supported_model_types()] == [
         "Language model",  # gemma, gemma2: a decoder alone (families/text: text-only GGUF and causal-LM folders)
@@ -26,6 +26,7 @@ def test_supported_model_types():
         "Language model",
         "Llama 3.2 Vision",
         "PaliGemma",
+        "Qwen-VL",
         "Language model",
         "Qwen2.5-VL",
         "Qwen2-VL",
@@ -37,7 +38,7 @@ def test_unknown_model_type_lists_the_supported_ones():
         family_for({"model_type": "blip_2"})
     assert str(e.value) == (
         "config.json has 'blip_2'; supported model types: gemma, gemma2, internvl, llama, llava, llava_next, "
-        "llava_onevision, mistral, mllama, paligemma, qwen2, qwen2_5_vl, qwen2_vl"
+        "llava_onevision, mistral, mllama, paligemma, qwen, qwen2, qwen2_5_vl, qwen2_vl"
     )
     with pytest.raises(UnsupportedModelError, match="no model_type; supported model types: gemma, gemma2, internvl"):
         family_for({})
