@@ -551,3 +551,18 @@ def test_dynamic_ntk_and_logn_past_seq_length(short_context, prompt_len):
     # the scalings matter here: the plain decoder's logits are far off past position 16
     plain = qwen_reference_logits(t, {**cfg, "seq_length": 10**6}, ids, 1.0)
     assert (plain[20:] - expected[20:]).abs().max().item() > 0.05 * scale
+
+
+def test_info_names_the_resampler(qwen_vl, capsys):
+    from vlmcli.cli import main
+
+    assert main(["info", str(qwen_vl)]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen-VL (qwen)" in out
+    assert "projector  cross-attention resampler, 32 -> 128" in out
+    assert "decoder    qwen: 2 layers, width 128, 4 heads / 4 KV heads, MLP 96" in out
+    assert "16 tokens per image" in out
+    assert main(["info", str(qwen_vl), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["projector"] == {"type": "cross_attention", "activation": "none", "in": 32, "out": 128}
+    assert data["checkpoint"]["unused_tensors"] == 0

@@ -44,7 +44,9 @@ def info(
             f"{v['layers_used']} of {v['layers']} layers used, features from layer(s) "
             f"{', '.join(map(str, v['feature_layers']))} ({v['select_strategy']})  {human_count(n['vision'])} params"
         )
-        out.print(f"  projector  {p['type']} ({p['activation']}), {p['in']} -> {p['out']}  {human_count(n['projector'])} params")
+        # a resampler (Qwen-VL) has no activation to name: its queries attend over the features
+        kind = "cross-attention resampler" if p["type"] == "cross_attention" else f"{p['type']} ({p['activation']})"
+        out.print(f"  projector  {kind}, {p['in']} -> {p['out']}  {human_count(n['projector'])} params")
     tied = ", tied embeddings" if d["tied_embeddings"] else ""
     out.print(
         f"  decoder    {d['type']}: {d['layers']} layers, width {d['width']}, {d['heads']} heads / "

@@ -15,6 +15,7 @@ the whole head), so it is parsed into vlm's TextConfig as one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +158,8 @@ def parse_qwen_vl(cfg: dict[str, Any]) -> QwenVLConfig:
         bos_token_id=None,
         eos_token_id=[],
     ))
+    # a Qwen2 in its math; named for what it is (`vlm info`: "qwen decoder")
+    text = dataclasses.replace(text, model_type="qwen")
     if vision.output_dim != text.d_model:
         raise CheckpointError(f"config.json: visual.output_dim {vision.output_dim} is not hidden_size {text.d_model}")
     projection = ProjectionConfig(
