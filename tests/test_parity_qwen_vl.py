@@ -441,25 +441,28 @@ def test_describe_and_chat_end_to_end(qwen_vl, make_test_image, capsys, monkeypa
     assert len(runs[0]["tokens"]) == 12 and len(set(runs[0]["tokens"])) >= 6
     assert runs[0]["image_tokens"] == 16
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\nWhat is in the picture?\nAnd again?\n"))
-    code = main(["chat", "-m", str(qwen_vl), "-t", "0", "--max-tokens", "8"])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert len([line for line in out.splitlines() if line.strip()]) >= 1
-
     from vlmcli.chat import ChatSession
     from vlmcli.generate import SamplingOptions
     from vlmcli.pipeline import Pipeline
 
     pipe = Pipeline.load(str(qwen_vl), "cpu")
     n = len(train_ranks())
-    assert {n, n + 2} <= pipe.stop_ids  # <|endoftext|> and <|im_end|>
+    assert {n, n + 2} <= pipe.stop_ids  # <|endoftext|> (generation_config.json) and <|im_end|>
     session = ChatSession(pipe, SamplingOptions(max_new_tokens=8, temperature=0))
     session.add_image(image)
     first = session.ask("What is in the picture?")
+    # the second turn reuses the cached first one and answers as a fresh run does
     assert first.tokens == pipe.ask(session.messages[:-1], session.images, session.opts).tokens
     second = session.ask("And again?")
     assert second.tokens == pipe.ask(session.messages[:-1], session.images, session.opts).tokens
+    assert second.reused_tokens >= first.prompt_tokens
+    assert len(set(first.tokens + second.tokens)) >= 6
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"/image {image}\nWhat is in the picture?\n\nAnd again?\n"))
+    code = main(["chat", "-m", str(qwen_vl), "-t", "0", "--max-tokens", "8"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out == first.text + "\n" + second.text + "\n"
 
 
 # ---- past seq_length: dynamic NTK and logn attention
