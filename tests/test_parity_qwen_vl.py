@@ -569,3 +569,16 @@ def test_info_names_the_resampler(qwen_vl, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["projector"] == {"type": "cross_attention", "activation": "none", "in": 32, "out": 128}
     assert data["checkpoint"]["unused_tensors"] == 0
+
+
+def test_hub_download_fetches_the_tiktoken_vocabulary():
+    import fnmatch
+
+    from vlmcli.checkpoint import HUB_PATTERNS
+
+    # Qwen/Qwen-VL-Chat's files: what a download keeps (never the remote code or the font)
+    files = ["config.json", "generation_config.json", "model-00001-of-00010.safetensors",
+             "model.safetensors.index.json", "qwen.tiktoken", "tokenizer_config.json", "modeling_qwen.py",
+             "visual.py", "tokenization_qwen.py", "qwen_generation_utils.py", "SimSun.ttf"]
+    kept = [f for f in files if any(fnmatch.fnmatch(f, p) for p in HUB_PATTERNS)]
+    assert kept == files[:6]

@@ -28,8 +28,8 @@ from vlmcli.errors import CheckpointError, UsageError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 # What the hub download fetches: configs, weights, tokenizer and template files. Never
-# pickles or Python files.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+# pickles or Python files. qwen.tiktoken: Qwen-VL's vocabulary (it has no tokenizer.json).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "qwen.tiktoken"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
