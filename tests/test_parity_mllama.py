@@ -240,6 +240,11 @@ def test_batched_caches_are_refused_in_words(mllama):
         model.new_cache(32, batch=4)
     with pytest.raises(UnsupportedModelError, match="cannot batch"):
         model.new_cache(32).view(slice(0, 1))
+    # vlm serve's engine finds out when it starts, even for batches of one, not per request
+    from vlmcli.server.engine import Engine
+
+    with pytest.raises(UnsupportedModelError, match="cannot batch"):
+        Engine(mllama[3], max_batch=1)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ try:  # the HTTP client the openai client itself depends on: httpx2 in openai 3,
 except ImportError:
     import httpx
 import pytest
+import torch
 from PIL import Image
 
 from vlmcli.generate import SamplingOptions, Timings
@@ -611,6 +612,22 @@ def test_prefix_reuse_with_mrope_positions(tmp_path_factory):
     (*_, a_job, a), (*_, b_job, b) = results
     assert b.cached_tokens == shared(held(a_job, a), b_job.seq.ids) >= len(a_job.seq.ids) and b_job.timings.vision_ms == 0
     assert b_job.offset != 0  # M-RoPE: positions are not the slots
+
+
+def test_images_in_another_layout_are_told_apart_as_a_whole():
+    """A family whose pixels are not one row per view (Llama 3.2 Vision: images x tiles) gets
+    one digest over all its images: equal prompts share every slot, others only the text."""
+    from vlmcli.processor import PreparedImages
+    from vlmcli.server.engine import _contents
+
+    def prepared(seed: int) -> PreparedImages:
+        pixels = torch.rand(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        return PreparedImages(pixels, [(8, 8)], [4], [3])
+
+    ids = [1, 2, 9, 9, 9, 3]
+    same, other = _contents(ids, 9, prepared(0)), _contents(ids, 9, prepared(1))
+    assert same == _contents(ids, 9, prepared(0)) and same[:2] == other[:2] == [1, 2]
+    assert same[2] != other[2] and same[5] == other[5] == 3
 
 
 def test_stop_filter_holds_back_possible_starts():

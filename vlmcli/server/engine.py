@@ -120,6 +120,7 @@ class Engine:
         self.context = min(pipe.context_length, context)
         self.device = self.model.decoder.embed_tokens.weight.device
         self.cache = self.model.new_cache(self.context, batch=max_batch)
+        self.cache.view(slice(0, 1))  # a family whose cache has no per-row views says so now, not per request
         self._lock = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []  # the batch: the job at index i owns cache row i
@@ -381,12 +382,20 @@ def _image_digests(prepared: PreparedImages) -> list[str]:
     the pixels alone may not tell apart)."""
     # rows of `pixels` per image: its views, or its patches where images are patch lists (Qwen2-VL)
     rows = [t * h * w for t, h, w in prepared.grids] if prepared.grids else list(prepared.views_per_image)
-    out = []
-    for i, v in enumerate(prepared.pixels.split(rows)):
-        h = hashlib.blake2b(v.contiguous().numpy().tobytes(), digest_size=16)
-        h.update(repr((prepared.image_sizes[i], prepared.token_counts[i], prepared.grids and prepared.grids[i])).encode())
-        out.append(h.hexdigest())
-    return out
+    n = len(prepared.image_sizes)
+    if sum(rows) != prepared.pixels.shape[0]:  # another layout: one digest of them all, per image
+        whole = _digest(prepared.pixels, prepared.image_sizes, prepared.token_counts)
+        return [f"{whole}/{i}" for i in range(n)]
+    return [
+        _digest(v, prepared.image_sizes[i], prepared.token_counts[i], prepared.grids and prepared.grids[i])
+        for i, v in enumerate(prepared.pixels.split(rows))
+    ]
+
+
+def _digest(pixels: torch.Tensor, *shape_facts) -> str:
+    h = hashlib.blake2b(pixels.contiguous().numpy().tobytes(), digest_size=16)
+    h.update(repr(shape_facts).encode())
+    return h.hexdigest()
 
 
 def _describe_failure(e: Exception) -> str:
