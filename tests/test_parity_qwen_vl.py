@@ -582,3 +582,24 @@ def test_hub_download_fetches_the_tiktoken_vocabulary():
              "visual.py", "tokenization_qwen.py", "qwen_generation_utils.py", "SimSun.ttf"]
     kept = [f for f in files if any(fnmatch.fnmatch(f, p) for p in HUB_PATTERNS)]
     assert kept == files[:6]
+
+
+@pytest.mark.slow
+def test_compiled_step_past_seq_length_gives_eager_tokens(tmp_path, make_test_image):
+    """The tensor-slot step compiled: logn's per-position scale is computed in the graph and
+    the NTK tables are rebuilt in place, so the compiled step keeps the eager tokens."""
+    import torch._dynamo
+
+    from vlmcli.generate import SamplingOptions
+    from vlmcli.pipeline import Pipeline
+
+    torch._dynamo.reset()
+    folder = write_qwen_vl(tmp_path / "short", seq_length=64)  # the 70-token prompt is past it
+    image = make_test_image(size=(64, 48), seed=6)
+    opts = SamplingOptions(max_new_tokens=12, temperature=0)
+    pipe = Pipeline.load(str(folder), "cpu")
+    pipe.stop_ids = set()
+    eager = pipe.describe([image], "Describe this image.", opts)
+    assert eager.prompt_tokens > 64 and len(set(eager.tokens)) >= 6
+    assert pipe.compile_step()
+    assert pipe.describe([image], "Describe this image.", opts).tokens == eager.tokens
