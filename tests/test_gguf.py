@@ -630,3 +630,45 @@ def test_a_text_template_gives_way_to_the_familys(llava_ckpt, tmp_path, test_ima
     assert pipe.tokenizer.chat_template == LLAVA_DEFAULT_CHAT_TEMPLATE
     answer = pipe.describe([test_image], PROMPT, GREEDY)
     assert answer.image_tokens == 25 and answer.tokens
+# ---- llama.cpp itself (llama-cpp-python, when it is installed: see scripts/setup.sh) --------
+
+
+def _llama_cpp_logits(path, ids):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # logits_all: llama-cpp-python 0.3.36 leaves `scores` empty without it; an F32 KV cache
+    # (type 0), since its default F16 one rounds keys and values
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_gpu_layers=0, verbose=False,
+                          logits_all=True, type_k=0, type_v=0)
+    llm.eval(ids)
+    return torch.tensor(np.array(llm.scores[len(ids) - 1]), dtype=torch.float32)
+
+
+# max |logit difference| / max |logit|, measured with llama-cpp-python 0.3.36 on 2 EPYC cores:
+# F32 1.3e-6 (rounding); F16 2.5e-3 and Q8_0 3.7e-2, as llama.cpp's products round the
+# activations to F16 / 8-bit blocks too (vlm multiplies the dequantized weights in fp32)
+LLAMA_CPP_BOUNDS = {"F32": 1e-5, "F16": 5e-3, "Q8_0": 7e-2}
+
+
+@pytest.mark.parametrize("qtype", list(LLAMA_CPP_BOUNDS))
+def test_language_model_as_llama_cpp_runs_it(llava_ckpt, tmp_path, qtype):
+    """The LLaVA's language-model file alone, in llama.cpp and in vlm: the same logits, so
+    vlm reads the q/k rows in the order llama.cpp's RoPE wrote them."""
+    path = write_language_model(llava_ckpt, tmp_path / f"lm-{qtype}.gguf", qtype)
+    expected = _llama_cpp_logits(path, IDS)
+    ours = _logits(Pipeline.load(str(path), "cpu"), IDS)
+    assert ((ours - expected).abs().max() / expected.abs().max()).item() < LLAMA_CPP_BOUNDS[qtype]
+    assert ours.argmax() == expected.argmax()
+
+
+@pytest.mark.slow
+def test_smollm2_near_llama_cpp(smollm2_gguf):
+    """The real Q4_1 file: 4.6e-2 of the logits' scale from llama.cpp (its Q4_1 products
+    quantize the activations to 8 bits; with them llama.cpp answers the capital question
+    "L'Étoile, la Marseillaise, ..." where vlm and transformers, multiplying the dequantized
+    weights exactly, answer "The capital of France is Paris.")."""
+    pipe = Pipeline.load(str(smollm2_gguf), "cpu")
+    seq = pipe.build_prompt([user_message("What is the capital of France?")], [])
+    expected = _llama_cpp_logits(smollm2_gguf, seq.ids)
+    with torch.inference_mode():
+        ours = pipe.model.prefill(torch.tensor([seq.ids]), None, pipe.model.new_cache(len(seq.ids) + 1))[0]
+    assert ((ours - expected).abs().max() / expected.abs().max()).item() < 0.1
