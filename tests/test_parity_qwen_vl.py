@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from tests.qwen_vl_checkpoints import (
-    CORPUS, PAT_STR, SPECIALS, published_tensors, random_tensors, sincos_reference, tiny_config, train_ranks,
-    write_qwen_vl,
+    CORPUS, PAT_STR, SPECIALS, published_tensors, sincos_reference, train_ranks, write_qwen_vl,
 )
 
 # Chat-format ids for the prompts below; shared fixtures write each checkpoint once.

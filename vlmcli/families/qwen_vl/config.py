@@ -83,12 +83,16 @@ class QwenVLConfig(MultiModalConfig):
             if math.isqrt(n) ** 2 != n:
                 raise CheckpointError(f"config.json: visual {name} {n} is not a square grid")
         if v.image_size % v.patch_size:
-            raise CheckpointError(f"config.json: visual image_size {v.image_size} is not a multiple of patch_size {v.patch_size}")
+            raise CheckpointError(
+                f"config.json: visual image_size {v.image_size} is not a multiple of patch_size {v.patch_size}"
+            )
         if self.seq_length < 2:
             # logn scaling divides by log(seq_length)
             raise CheckpointError(f"config.json: seq_length must be at least 2, not {self.seq_length}")
         if v.output_dim % RESAMPLER_HEAD_DIM or v.output_dim % 2:
-            raise CheckpointError(f"config.json: visual output_dim {v.output_dim} is not a multiple of {RESAMPLER_HEAD_DIM}")
+            raise CheckpointError(
+                f"config.json: visual output_dim {v.output_dim} is not a multiple of {RESAMPLER_HEAD_DIM}"
+            )
 
 
 def _int(cfg: dict[str, Any], key: str, defaults: dict[str, Any], where: str) -> int:

@@ -63,7 +63,8 @@ class QwenVLProcessor:
             raise CheckpointError(f"the tokenizer has no {', '.join(missing)} token, which Qwen-VL prompts need")
         if ids["<imgpad>"] != cfg.image_token_id:
             raise CheckpointError(
-                f"the tokenizer's <imgpad> is id {ids['<imgpad>']} but config.json's image_start_id implies {cfg.image_token_id}"
+                f"the tokenizer's <imgpad> is id {ids['<imgpad>']} but config.json's image_start_id "
+                f"implies {cfg.image_token_id}"
             )
         self.ids = ids
 
@@ -121,7 +122,9 @@ class QwenVLProcessor:
             system = DEFAULT_SYSTEM
             if turns and turns[0].get("role") == "system":
                 first = turns.pop(0).get("content", "")
-                system = first if isinstance(first, str) else "".join(p.get("text", "") for p in first if p.get("type") == "text")
+                if not isinstance(first, str):
+                    first = "".join(p.get("text", "") for p in first if p.get("type") == "text")
+                system = first
             ids = start + enc("system") + nl + enc(system) + end
             for m in turns:
                 ids += nl + start + enc(m.get("role", "user")) + nl + content_ids(m.get("content", "")) + end

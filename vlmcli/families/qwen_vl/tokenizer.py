@@ -50,16 +50,20 @@ def read_ranks(path: Path) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token, validate=True)] = int(rank)
         except ValueError:
-            raise CheckpointError(f"{path.name} line {n} is not 'base64-token rank'", hint="re-download the model") from None
+            raise CheckpointError(
+                f"{path.name} line {n} is not 'base64-token rank'", hint="re-download the model"
+            ) from None
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise CheckpointError(f"{path.name}: the ranks are not 0..{len(ranks) - 1}, each once", hint="re-download the model")
+        raise CheckpointError(
+            f"{path.name}: the ranks are not 0..{len(ranks) - 1}, each once", hint="re-download the model"
+        )
     return ranks
 
 
 @lru_cache(maxsize=1)
 def _byte_chars() -> dict[int, str]:
     """GPT-2's byte -> printable character map, which `tokenizers`' ByteLevel uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

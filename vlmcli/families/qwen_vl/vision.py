@@ -147,7 +147,8 @@ class CrossAttention(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(B, -1, self.n_heads, hd).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(heads(F.linear(q, wq, bq)), heads(F.linear(k, wk, bk)), heads(F.linear(v, wv, bv)))
+        q, k, v = heads(F.linear(q, wq, bq)), heads(F.linear(k, wk, bk)), heads(F.linear(v, wv, bv))
+        y = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(y.transpose(1, 2).reshape(B, Lq, d))
 
 
