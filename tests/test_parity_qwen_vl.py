@@ -602,3 +602,25 @@ def test_compiled_step_past_seq_length_gives_eager_tokens(tmp_path, make_test_im
     assert eager.prompt_tokens > 64 and len(set(eager.tokens)) >= 6
     assert pipe.compile_step()
     assert pipe.describe([image], "Describe this image.", opts).tokens == eager.tokens
+
+
+def test_server_batch_gives_each_request_its_alone_tokens(qwen_vl, make_test_image):
+    """Three requests (two with images, prompts of different lengths) decoded as one batch
+    of rows at different slots: each answer is the pipeline's own, alone (logn's per-row
+    query scale takes (B, T) slots)."""
+    from tests.test_server import _run_jobs
+    from vlmcli.generate import SamplingOptions
+    from vlmcli.pipeline import Pipeline
+    from vlmcli.sequence import user_message
+    from vlmcli.server.engine import Engine
+
+    pipe = Pipeline.load(str(qwen_vl), "cpu")
+    opts = SamplingOptions(max_new_tokens=10, temperature=0)
+    a, b = make_test_image(size=(64, 48), seed=7), make_test_image(size=(40, 70), seed=8)
+    requests = [([user_message(p, len(ims))], ims, opts) for p, ims in (
+        ("What is in the picture?", [a]), ("hi", []), ("Describe the picture in a long sentence please.", [b]))]
+    alone = [pipe.ask(m, ims, o) for m, ims, o in requests]
+    events = _run_jobs(Engine(pipe, max_batch=3), pipe, requests)
+    for got, want in zip(events, alone):
+        assert got[-1].tokens == want.tokens
+    assert len({tuple(w.tokens) for w in alone}) == 3
