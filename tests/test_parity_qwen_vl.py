@@ -396,6 +396,7 @@ def test_qwen_vl_chat_key_layout_loads_on_meta(monkeypatch, tmp_path):
     cfg = loaded.config
     assert (cfg.image_token_id, cfg.max_visual_tokens(), cfg.text.context_length) == (151859, 256, 8192)
     assert (cfg.seq_length, cfg.use_dynamic_ntk, cfg.use_logn_attn) == (2048, True, True)
+    assert cfg.text.eos_token_ids == (151643, 151644, 151645)  # <|endoftext|>, <|im_start|>, <|im_end|>
 
     missing = dict(tensors)
     missing.pop("transformer.visual.attn_pool.pos_embed")
@@ -416,6 +417,7 @@ def test_config_refusals():
         ({"kv_channels": 64}, CheckpointError, "kv_channels"),
         ({"visual": dict(base["visual"], output_dim=2048)}, CheckpointError, "output_dim"),
         ({"visual": dict(base["visual"], width="big")}, CheckpointError, "width"),
+        ({"visual": dict(base["visual"], image_start_id=3)}, CheckpointError, "image_start_id"),
     ):
         with pytest.raises(error, match=match):
             parse_config({**base, **change})
@@ -446,7 +448,7 @@ def test_describe_and_chat_end_to_end(qwen_vl, make_test_image, capsys, monkeypa
 
     pipe = Pipeline.load(str(qwen_vl), "cpu")
     n = len(train_ranks())
-    assert {n, n + 2} <= pipe.stop_ids  # <|endoftext|> (generation_config.json) and <|im_end|>
+    assert pipe.stop_ids == {n, n + 1, n + 2}  # <|endoftext|>, <|im_start|>, <|im_end|>
     session = ChatSession(pipe, SamplingOptions(max_new_tokens=8, temperature=0))
     session.add_image(image)
     first = session.ask("What is in the picture?")

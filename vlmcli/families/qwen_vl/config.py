@@ -39,6 +39,10 @@ _TEXT_DEFAULTS: dict[str, Any] = dict(
     no_bias=True, tie_word_embeddings=False,
 )
 
+# <img> is the 215th special token: <|endoftext|>, <|im_start|>, <|im_end|>, 205 <|extra_N|>,
+# <ref>, </ref>, <box>, </box>, <quad>, </quad>, then <img>
+_IMG_AFTER_EOT = 214
+
 # The resampler's heads are output_dim // 128 in visual.py, whatever the tower's heads are.
 RESAMPLER_HEAD_DIM = 128
 
@@ -140,6 +144,12 @@ def parse_qwen_vl(cfg: dict[str, Any]) -> QwenVLConfig:
         # c_attn is (3 * d_model, d_model) and split into thirds: the heads fill the width
         raise CheckpointError(f"config.json: kv_channels {head_dim} x {n_heads} heads is not hidden_size {d_model}")
     seq_length = int(get("seq_length"))
+    start = visual_cfg.get("image_start_id", 151857)
+    if isinstance(start, bool) or not isinstance(start, int) or start < _IMG_AFTER_EOT:
+        raise CheckpointError(f"config.json: visual.image_start_id must be an id past the special tokens, not {start!r}")
+    # tokenization_qwen.py numbers its special tokens in one fixed order after the ranks, so
+    # <img>'s id gives the others: <|endoftext|>, <|im_start|>, <|im_end|> come first
+    eot = start - _IMG_AFTER_EOT
     dynamic_ntk, logn = bool(get("use_dynamic_ntk")), bool(get("use_logn_attn"))
     # past seq_length the decoder rescales RoPE (dynamic NTK) and the queries (logn), as
     # modeling_qwen.py does; the context is max_position_embeddings either way
@@ -158,9 +168,10 @@ def parse_qwen_vl(cfg: dict[str, Any]) -> QwenVLConfig:
         max_position_embeddings=context,
         tie_word_embeddings=bool(get("tie_word_embeddings")),
         hidden_act="silu",
-        # no ids in config.json: the stop tokens come from the tokenizer and generation_config.json
+        # qwen_generation_utils' stop words: <|im_end|> and <|im_start|> for chatml, <|endoftext|>
+        # (generation_config.json's eos) for raw; a base model seldom writes the ChatML two
         bos_token_id=None,
-        eos_token_id=[],
+        eos_token_id=[eot, eot + 1, eot + 2],
     ))
     # a Qwen2 in its math; named for what it is (`vlm info`: "qwen decoder")
     text = dataclasses.replace(text, model_type="qwen")
@@ -170,7 +181,6 @@ def parse_qwen_vl(cfg: dict[str, Any]) -> QwenVLConfig:
         d_vision=vision.d_vision, d_language=vision.output_dim, projection_type="cross_attention", bias=False,
         activation="none",  # one attention layer, ln_post and a matrix: no activation function
     )
-    start = visual_cfg.get("image_start_id", 151857)
     return QwenVLConfig(
         model_type=cfg["model_type"],
         vision=vision,
