@@ -672,3 +672,16 @@ def test_smollm2_near_llama_cpp(smollm2_gguf):
     with torch.inference_mode():
         ours = pipe.model.prefill(torch.tensor([seq.ids]), None, pipe.model.new_cache(len(seq.ids) + 1))[0]
     assert ((ours - expected).abs().max() / expected.abs().max()).item() < 0.1
+
+
+def test_text_only_gguf_without_a_template(llava_ckpt, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(llava_ckpt, hf)
+    (hf / "chat_template.json").unlink()
+    path = write_language_model(hf, tmp_path / "bare.gguf", "F32")
+    pipe = Pipeline.load(str(path), "cpu")
+    from vlmcli.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as e:
+        pipe.ask([user_message("hello")], [], GREEDY)
+    assert str(e.value) == "bare.gguf has no chat template (tokenizer.chat_template), so vlm cannot write a chat prompt for it"

@@ -54,12 +54,19 @@ class TextModel(VisionLanguageModel):
         return self.decoder.embed_tokens(input_ids)
 
 
-def no_images_message(folder: Path) -> str:
+def _gguf_name(folder: Path) -> str | None:
+    """The model file's name when `folder` presents a GGUF (vlmcli/gguf/source.py)."""
     marker = folder / "gguf_files.json"
-    if marker.exists():
-        import json
+    if not marker.exists():
+        return None
+    import json
 
-        name = Path(json.loads(marker.read_text())["model"]).name
+    return Path(json.loads(marker.read_text())["model"]).name
+
+
+def no_images_message(folder: Path) -> str:
+    name = _gguf_name(folder)
+    if name is not None:
         return f"{name} is a language model only; images need its vision projector: add --mmproj MMPROJ.gguf"
     return f"{folder.name} is a language model only (no vision tower); it cannot take images"
 
@@ -78,6 +85,10 @@ class TextProcessor:
     def build_prompt(self, messages: list[Message], token_counts: list[int], context_length: int) -> PromptSequence:
         if count_images(messages):
             raise CheckpointError(no_images_message(self.folder))
+        if self.tokenizer.chat_template is None:  # a language model has no family default to fall back on
+            name = _gguf_name(self.folder) or self.folder.name
+            where = "tokenizer.chat_template" if _gguf_name(self.folder) else "chat_template.jinja / tokenizer_config.json"
+            raise CheckpointError(f"{name} has no chat template ({where}), so vlm cannot write a chat prompt for it")
         # a language model's template takes each message's text as a string
         flat = [{**m, "content": _text_of(m.get("content"))} for m in messages]
         ids = self.tokenizer.encode_chat(flat)
