@@ -437,6 +437,7 @@ def test_describe_and_chat_end_to_end(qwen_vl, make_test_image, capsys, monkeypa
         code = main(["describe", str(image), "-m", str(qwen_vl), "--temperature", "0", "--max-tokens", "12", "--json"])
         out, err = capsys.readouterr()
         assert code == 0, err
+        assert "chat template" not in err  # the family's ChatML is the model's own format
         runs.append(json.loads(out))
     assert runs[0]["tokens"] == runs[1]["tokens"]
     assert len(runs[0]["tokens"]) == 12 and len(set(runs[0]["tokens"])) >= 6

@@ -116,7 +116,7 @@ class Pipeline:
         loaded = load_model(folder, chosen, progress=progress)
         family = loaded.family
         tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.chat_template(loaded.config))
-        if tokenizer.template_source == "family default" and notice:
+        if tokenizer.template_source == "family default" and notice and not family.template_is_the_models:
             notice(f"{folder.name} has no chat template; using the {family.name} default")
         processor = family.processor(loaded.config, folder, tokenizer, notice)
         return cls(loaded, tokenizer, processor, chosen, _stop_ids(folder, loaded, tokenizer), model_ref)

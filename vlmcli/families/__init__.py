@@ -77,6 +77,9 @@ class Family:
     describe: Callable[["MultiModalConfig"], str]  # 'LLaVA (SigLIP, MLP projector, Qwen2 decoder)'
     chat: bool = True  # False: a single-turn model (`vlm chat` says so)
     default_prompt: str | None = None  # `vlm describe` without -p; None: the command's own
+    # the published checkpoints carry no template, their format is in the model's own code
+    # (Qwen-VL): the family's template is the model's, not a fallback worth a notice
+    template_is_the_models: bool = False
 
     def canonical_name(self, key: str) -> str | None:
         return self.weight_name(key)

@@ -48,5 +48,6 @@ FAMILIES = (
         processor=lambda cfg, folder, tokenizer, notice: QwenVLProcessor(cfg, folder, tokenizer, notice),
         chat_template=lambda cfg: QWEN_VL_CHAT_TEMPLATE,
         describe=describe,
+        template_is_the_models=True,  # make_context in the published code, not a file
     ),
 )
