@@ -685,3 +685,17 @@ def test_text_only_gguf_without_a_template(llava_ckpt, tmp_path):
     with pytest.raises(CheckpointError) as e:
         pipe.ask([user_message("hello")], [], GREEDY)
     assert str(e.value) == "bare.gguf has no chat template (tokenizer.chat_template), so vlm cannot write a chat prompt for it"
+
+
+def test_an_ollama_blob_without_a_suffix(gguf_pair, tmp_path, test_image, capsys):
+    """Ollama stores models as blobs/sha256-<digest>: recognised by their magic."""
+    model, mmproj = gguf_pair("F32")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    shutil.copy(model, blobs / "sha256-1111")
+    shutil.copy(mmproj, blobs / "sha256-2222")
+    code, out, err = run(capsys, "describe", test_image, "-m", blobs / "sha256-1111", "--mmproj", blobs / "sha256-2222",
+                         "--max-tokens", 8, "--json")
+    assert code == 0, err
+    _, ref, _ = run(capsys, "describe", test_image, "-m", model, "--mmproj", mmproj, "--max-tokens", 8, "--json")
+    assert json.loads(out)["tokens"] == json.loads(ref)["tokens"]

@@ -41,7 +41,15 @@ IMAGE_TOKEN = "<image>"
 
 
 def is_gguf(path: Path) -> bool:
-    return path.suffix.lower() == ".gguf"
+    """A .gguf name, or a file that starts as GGUF does: Ollama keeps its models as
+    ~/.ollama/models/blobs/sha256-..., with no suffix."""
+    if path.suffix.lower() == ".gguf":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:  # a folder, a hub id, a missing path
+        return False
 
 
 def find_pair(folder: Path) -> tuple[Path, Path | None]:
