@@ -135,12 +135,20 @@ class _WeightOnlyLinear(nn.Module):
         self.out_features, self.in_features = out_features, in_features
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    wide_rows: int | None = None  # past this many rows, _wide_product (None: never)
+
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _wide_product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE)
-        y = self._product(rows).to(x.dtype)
+        rows = x.reshape(-1, self.in_features)
+        if self.wide_rows is not None and rows.shape[0] > self.wide_rows:
+            y = self._wide_product(rows)
+        else:
+            y = self._product(rows.to(COMPUTE_DTYPE)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
@@ -150,7 +158,14 @@ class _WeightOnlyLinear(nn.Module):
 
 
 class Int8WeightOnlyLinear(_WeightOnlyLinear):
-    """int8 codes (out, in) with one bf16 scale per row, through torch._weight_int8pack_mm."""
+    """int8 codes (out, in) with one bf16 scale per row, through torch._weight_int8pack_mm.
+
+    Over many rows (a prefill) the int8 kernel is slower than dequantizing the layer for the
+    call and running the fp32 product; 1 thread, 750 rows, ms: 9728 x 896 fp32 205, int8
+    kernel 327, dequantize + fp32 223 (the dequantizing alone ~17: it pays from ~100 rows);
+    896 x 4864: 70, 84, 72. The int4 kernel keeps up with fp32 there (180, 81) and stays."""
+
+    wide_rows = 256
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
         super().__init__(*codes.shape, bias)
@@ -163,6 +178,10 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
 
     def _product(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(rows, self.codes, self.scales)
+
+    def _wide_product(self, rows: torch.Tensor) -> torch.Tensor:
+        weight = self.codes.to(rows.dtype).mul_(self.scales.to(rows.dtype)[:, None])  # one layer, for this call
+        return rows @ weight.t()
 
 
 class Int4WeightOnlyLinear(_WeightOnlyLinear):
