@@ -241,6 +241,7 @@ def test_object_store_uris_go_through_pyarrow(capsys, demo, collection, tmp_path
         (["-"], "error: vlm batch reads no image from stdin; give files, folders, globs, URLs or a manifest"),
         (["a.png", "--actors", "2"], "error: --actors, --cpus-per-actor, --gpus-per-actor and --rows-per-call apply to --ray runs"),
         (["a.png", "--resume", "--force"], "error: --resume continues OUT and --force replaces it; give one"),
+        (["a.png", "--ray", "--resume"], "error: --resume is not supported with --ray yet: the shards of a killed Ray run are not checked"),
     ],
 )
 def test_usage_errors(capsys, tmp_path, monkeypatch, args, message):

@@ -146,11 +146,11 @@ def _rows(ray, args: list[str]):
         kind = sources.manifest_kind(manifest)
         path = manifest if sources.is_uri(manifest) else os.path.abspath(os.path.expanduser(manifest))
         if kind == "parquet":
-            ds = ray.data.read_parquet(path, columns=sources.parquet_manifest_columns(manifest), ray_remote_args=LIGHT_TASK)
+            ds = ray.data.read_parquet(path, columns=sources.parquet_manifest_columns(manifest), **LIGHT_TASK)
         else:
             if not sources.is_uri(manifest) and not os.path.isfile(path):
                 raise VlmError(f"cannot read manifest '{manifest}': no such file")
-            ds = ray.data.read_text(path, ray_remote_args=LIGHT_TASK)
+            ds = ray.data.read_text(path, **LIGHT_TASK)
         parts.append(ds.map_batches(
             normalize_manifest,
             fn_kwargs={"kind": kind, "base": sources.manifest_base(manifest), "manifest": manifest},

@@ -80,6 +80,8 @@ def batch(
     if resume and force:
         raise UsageError("--resume continues OUT and --force replaces it; give one")
     if on_ray:
+        if resume:
+            raise UsageError("--resume is not supported with --ray yet: the shards of a killed Ray run are not checked")
         return _on_ray(inputs, output, settings, ray_address, actors, cpus_per_actor, gpus_per_actor, rows_per_call, force, quiet)
     if actors != 1 or cpus_per_actor != 1.0 or gpus_per_actor or rows_per_call != 16:
         raise UsageError("--actors, --cpus-per-actor, --gpus-per-actor and --rows-per-call apply to --ray runs")
