@@ -150,6 +150,12 @@ def test_no_color(tmp_path):
     assert text == f"error: cannot read image '{tmp_path / 'x.png'}': no such file\n"
 
 
+def test_brackets_in_a_file_name_are_not_markup(tmp_path):
+    """Errors and notices are printed through Rich: a name like photo[1].png keeps its brackets."""
+    proc = vlm("describe", tmp_path / "photo[1].png", "-m", "demo", text=True)  # missing: read as a glob
+    assert (proc.returncode, proc.stderr) == (1, f"error: no files match '{tmp_path / 'photo[1].png'}'\n")
+
+
 def test_version():
     proc = vlm("--version", text=True)
     assert proc.returncode == 0 and re.fullmatch(r"vlm \d+\.\d+\.\d+\S*\n", proc.stdout)

@@ -54,8 +54,7 @@ def import_ray():
         import ray
         import ray.data
     except ImportError:
-        # "\\[": the CLI prints errors as Rich markup, where a bare [ray] is a tag and vanishes
-        raise VlmError("--ray needs Ray Data, which is not installed (pip install 'vlmcli\\[ray]')") from None
+        raise VlmError("--ray needs Ray Data, which is not installed (pip install 'vlmcli[ray]')") from None
     return ray
 
 
@@ -189,7 +188,7 @@ def _check_output(out: str, force: bool) -> None:
 
 
 def _summary(out: str, fmt: str) -> RaySummary:
-    pa = sources.require_pyarrow("--ray")
+    sources.require_pyarrow("--ray")  # a one-line error, not an ImportError
     import pyarrow.dataset as ds
 
     fs, path = sources.filesystem_for(out)

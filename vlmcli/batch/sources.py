@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from vlmcli import inputs
-from vlmcli.errors import ImageError, UsageError, VlmError
+from vlmcli.errors import UsageError, VlmError
 
 MANIFEST_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -201,8 +201,7 @@ def require_pyarrow(what: str):
         import pyarrow.fs
         import pyarrow.parquet  # noqa: F401 (pyarrow.parquet is used through the package)
     except ImportError:
-        # "\\[": the CLI prints errors as Rich markup, where a bare [parquet] is a tag and vanishes
-        raise VlmError(f"{what} needs pyarrow, which is not installed (pip install 'vlmcli\\[parquet]')") from None
+        raise VlmError(f"{what} needs pyarrow, which is not installed (pip install 'vlmcli[parquet]')") from None
     return pyarrow
 
 

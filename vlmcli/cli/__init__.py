@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import typer
+from rich.markup import escape  # messages name files, and `[...]` in a name is not markup
 
 from vlmcli import __version__
 from vlmcli.cli import batch, bench, chat, common, convert, describe, help, info, serve
@@ -92,7 +93,7 @@ def _main(argv: list[str] | None) -> int:
     except VlmError as e:
         if state.debug:
             err_console().print_exception()
-        err_console().print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+        err_console().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
         return e.exit_code
     except (MemoryError, _torch_oom()):
         if state.debug:
@@ -110,7 +111,7 @@ def _main(argv: list[str] | None) -> int:
             err_console().print_exception()
         else:
             err_console().print(
-                f"[bold red]internal error:[/] {type(e).__name__}: {e} (run with --debug for the traceback)",
+                f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (run with --debug for the traceback)",
                 highlight=False,
                 soft_wrap=True,
             )

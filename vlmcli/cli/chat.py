@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
+from rich.markup import escape
 
 from vlmcli import inputs
 from vlmcli.cli import options
@@ -152,7 +153,7 @@ def _interactive_turn(session: ChatSession, prompt) -> str | None:
     except VlmError as e:
         if state.debug:
             err_console().print_exception()
-        err_console().print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     except (MemoryError, torch.OutOfMemoryError):
         if state.debug:
             err_console().print_exception()

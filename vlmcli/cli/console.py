@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 
@@ -33,7 +34,7 @@ def err_console() -> Console:
 def notice(message: str) -> None:
     """A one-line remark on stderr (silenced by -q)."""
     if not state.quiet:
-        err_console().print(f"[dim]{message}[/]", highlight=False, soft_wrap=True)
+        err_console().print(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True)
 
 
 def show_progress() -> bool:
