@@ -26,6 +26,7 @@ from vlmcli.cli import main
 from vlmcli.errors import ImageError
 from vlmcli.generate import SamplingOptions
 from vlmcli.pipeline import Pipeline
+from vlmcli.preprocess import load_image_with_notes
 
 TOTAL = GOOD + len(BAD)
 FAILED = f"error: 5 of {TOTAL} images failed"
@@ -275,8 +276,12 @@ def test_read_ahead_keeps_order_and_gives_errors_in_place(collection):
     got = list(read_ahead(rows, depth=3))
     assert [row.id for row, _ in got] == paths
     for (row, image), path in zip(got, paths):
-        if path.endswith("cut.png") or path.endswith("img000.png"):
-            assert image.source == Path(path).read_bytes()
+        if path.endswith("img000.png"):  # decoded by the reading thread, as the pipeline decodes it
+            assert image.source == load_image_with_notes(path, name=path) and image.name == path
+        if path.endswith("cut.png"):  # its error in its place, the pipeline's words for it
+            with pytest.raises(ImageError) as direct:
+                load_image_with_notes(path, name=path)
+            assert isinstance(image, ImageError) and str(image) == str(direct.value)
     gone = Row("x", "x", str(Path(paths[0]).parent / "gone.png"))
     [(_, error)] = list(read_ahead([gone]))
     assert isinstance(error, ImageError) and error.kind == "missing"

@@ -20,10 +20,13 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Iterable
 
 from vlmcli import __version__
 from vlmcli.errors import ImageError, UsageError
+
+if TYPE_CHECKING:  # preprocess imports Pillow, which `vlm --help` does not need
+    from vlmcli.preprocess import LoadedImage
 
 # What a folder's "images" are: the formats people keep pictures in that Pillow decodes.
 IMAGE_SUFFIXES = frozenset(
@@ -38,14 +41,24 @@ STDIN = "-"
 class ImageInput:
     """One image: `name` is how the user wrote it (a path, a URL, or "-" for stdin) and is
     what output and error messages call it; `source` is a file, bytes, or a URL not yet
-    fetched (a str)."""
+    fetched (a str), or the image already decoded (a LoadedImage: decoded ahead of the model
+    by a reading thread)."""
 
     name: str
-    source: Path | bytes | str
+    source: Path | bytes | str | LoadedImage
 
     @property
     def is_url(self) -> bool:
         return isinstance(self.source, str)
+
+    def decoded(self) -> "ImageInput":
+        """This image decoded (fetched first if it is a URL): the work a thread can do ahead
+        of the model. Its errors are those the pipeline would raise for it."""
+        from vlmcli.preprocess import LoadedImage, load_image_with_notes
+
+        if isinstance(self.source, LoadedImage):
+            return self
+        return ImageInput(self.name, load_image_with_notes(self.fetched().source, name=self.name))
 
     def fetched(self, *, max_bytes: int = MAX_DOWNLOAD_BYTES, timeout: float = DOWNLOAD_TIMEOUT_S) -> "ImageInput":
         """This image with a URL replaced by the downloaded bytes."""

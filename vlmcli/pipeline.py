@@ -140,7 +140,7 @@ class Pipeline:
         images = []
         for src in sources:
             if isinstance(src, ImageInput):
-                image, image_notes = load_image_with_notes(src.fetched().source, name=src.name)
+                image, image_notes = src.decoded().source
             else:
                 image, image_notes = load_image_with_notes(src)
             images.append(image)

@@ -2,9 +2,10 @@
 
 Reading is what stalls a batch job (a network fetch, an object store, a cold disk), so a
 background thread reads the next few rows while the model describes this one; a bounded
-queue keeps at most `depth` images in memory, whatever the size of the collection. Decoding
-stays with the model's call (`Pipeline.describe` takes bytes), so a decode error is the same
-error `vlm describe` reports for that file.
+queue keeps at most `depth` images in memory, whatever the size of the collection. The
+thread decodes them too (`ImageInput.decoded`, the pipeline's own decoder, so a decode error
+is the same error `vlm describe` reports for that file): the model never waits for a large
+JPEG to decompress.
 """
 
 from __future__ import annotations
@@ -24,7 +25,12 @@ R = TypeVar("R")
 
 
 def fetch(row: Row, *, max_bytes: int = inputs.MAX_DOWNLOAD_BYTES) -> inputs.ImageInput:
-    """The row's image as bytes, named by where it was read; an ImageError if it cannot be read."""
+    """The row's image read and decoded, named by where it was read; an ImageError if it
+    cannot be read or decoded."""
+    return _read(row, max_bytes).decoded()
+
+
+def _read(row: Row, max_bytes: int) -> inputs.ImageInput:
     if row.error is not None:
         raise ImageError(row.error, kind=row.error_type or "unreadable")
     where = row.location

@@ -97,8 +97,8 @@ def describe(
     blocks = 0  # headed blocks written to stdout
     with progress_bar("describing", total=bar_total) if bar_total else nullcontext() as update:
         # each file read by a background thread while the model describes the one before
-        # (a few at a time: a long list is not held in memory); decoding stays with the model
-        for i, ((item, tiny), read) in enumerate(ahead(images, lambda entry: read_file(entry[0]))):
+        # and decoded (a few at a time: a long list is not held in memory)
+        for i, ((item, tiny), read) in enumerate(ahead(images, lambda entry: read_file(entry[0]).decoded())):
             # the header goes out with the first text (or the empty answer), so an image that
             # turns out to be undecodable leaves none behind
             header = [f"==> {item.name} <=="] if total > 1 and not json_lines else []
