@@ -56,10 +56,15 @@ def _allocated(model) -> int:
             total += qs.absmax.numel() * qs.absmax.element_size() + qs.code.numel() * qs.code.element_size()
             if qs.nested:
                 total += qs.state2.absmax.numel() * 4 + qs.state2.code.numel() * 4
+    for module in model.modules():  # q8 / q4: codes and their scales are buffers
+        for name in ("codes", "scales", "packed", "scale_zeros"):
+            buf = module._buffers.get(name)
+            if buf is not None:
+                total += buf.numel() * buf.element_size()
     return total
 
 
-@pytest.mark.parametrize("spec", ["cpu", "cpu-bf16", "int8", "int4"])
+@pytest.mark.parametrize("spec", ["cpu", "cpu-bf16", "int8", "int4", "q8", "q4"])
 def test_estimates_are_what_loading_allocates(make_llava, spec):
     if spec.startswith("int"):
         pytest.importorskip("bitsandbytes")
@@ -83,7 +88,7 @@ def test_json_output(capsys, llava_ckpt):
     assert code == 0 and err == ""
     data = json.loads(out)
     assert data["family"] == "LLaVA" and data["model_type"] == "llava"
-    assert [r["backend"] for r in data["backends"]] == ["cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4"]
+    assert [r["backend"] for r in data["backends"]] == ["cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4", "q8", "q4"]
     cpu = data["backends"][0]
     assert cpu["available"] is True and cpu["device"] == "cpu"
     # two tensors (k, v) per layer per token: 2 layers x 2 KV heads x 16 dims x 1000 tokens x 4 bytes x 2

@@ -14,7 +14,7 @@ from vlmcli.loader import build_on_meta, expected_parameters, linear_modules, pl
 from vlmcli.quantization import read_quantization
 
 # The backends `vlm info` estimates, as `-b` spells them.
-INFO_BACKENDS = ("cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4")
+INFO_BACKENDS = ("cpu", "cpu-bf16", "cuda", "bf16", "int8", "int4", "q8", "q4")
 KV_TOKENS = 1000  # the KV cache is shown per this many tokens of context
 
 _STORED = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}

@@ -3,6 +3,8 @@ machine or (--ray) on a Ray cluster. Progress on stderr; the results only in the
 
 from __future__ import annotations
 
+import os
+
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -61,11 +63,14 @@ def batch(
     cpus_per_actor: Annotated[float, typer.Option("--cpus-per-actor", min=0.0, metavar="C", help="--ray: CPUs each actor takes.")] = 1.0,
     gpus_per_actor: Annotated[float, typer.Option("--gpus-per-actor", min=0.0, metavar="G", help="--ray: GPUs each actor takes.")] = 0.0,
     rows_per_call: Annotated[int, typer.Option("--rows-per-call", min=1, metavar="N", help="--ray: rows an actor describes per call.")] = 16,
+    threads: options.Threads = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Describe many images into a JSONL or Parquet file; a bad image is an error row, and
     --resume continues an interrupted run."""
     state.quiet = quiet
+    if threads is not None:  # the processes it starts (Ray's local actors) and this one
+        os.environ["VLM_THREADS"] = str(threads)
     sampling = dict(
         max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed,

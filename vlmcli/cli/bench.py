@@ -7,6 +7,7 @@ a lifetime peak, so in a shared process the second backend would report the firs
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -50,6 +51,7 @@ def bench(
     tokens: Annotated[int, typer.Option("--tokens", min=1, metavar="N", help="Tokens to generate per run (fewer if the model stops).")] = 64,
     runs: Annotated[int, typer.Option("--runs", min=1, metavar="N", help="Timed runs per backend, after one warm-up; medians are shown.")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    threads: options.Threads = None,
     quiet: options.Quiet = False,
     child: Annotated[bool, typer.Option("--child", hidden=True, help="Run one backend here and print its JSON row.")] = False,
 ) -> None:
@@ -61,6 +63,8 @@ def bench(
     from vlmcli.quantization import read_quantization
 
     state.quiet = quiet
+    if threads is not None:  # its children, one per backend, read it
+        os.environ["VLM_THREADS"] = str(threads)
     if child:
         _child(model, backend, image, prompt, tokens, runs)
         return

@@ -70,6 +70,7 @@ def chat(
     max_pixels: options.MaxPixels = None,
     min_pixels: options.MinPixels = None,
     max_image_pixels: options.MaxImagePixels = None,
+    threads: options.Threads = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Talk with a model, with pictures; /help lists the commands."""
@@ -86,7 +87,7 @@ def chat(
     images = [item.fetched() for item in inputs.expand(image or [], allow_stdin=False)]
     from vlmcli.chat import ChatSession
 
-    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels, mmproj=mmproj, images=bool(images))
+    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels, mmproj=mmproj, images=bool(images), threads=threads)
     session = ChatSession(pipe, opts)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:

@@ -53,6 +53,7 @@ def describe(
     min_pixels: options.MinPixels = None,
     max_image_pixels: options.MaxImagePixels = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout (JSON Lines).")] = False,
+    threads: options.Threads = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Describe each image (or answer PROMPT about it)."""
@@ -87,7 +88,7 @@ def describe(
     total = len(images) + failed
     if not images:
         raise VlmError(f"{failed} of {total} images failed")
-    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels, mmproj=mmproj, images=True)
+    pipe = load_pipeline(model, backend, max_tiles, min_pixels, max_pixels, mmproj=mmproj, images=True, threads=threads)
     if prompt is None:
         prompt = pipe.family.default_prompt or DEFAULT_PROMPT
 

@@ -34,6 +34,7 @@ def serve(
     grace_period: Annotated[float, typer.Option("--grace-period", min=0.0, metavar="SECONDS", help="On Ctrl-C or SIGTERM: how long running requests may take to finish before they are cancelled.")] = 10.0,
     max_tiles: options.MaxTiles = None,
     max_image_pixels: options.MaxImagePixels = None,
+    threads: options.Threads = None,
     quiet: options.Quiet = False,
 ) -> None:
     """Serve the model over HTTP, OpenAI-compatible (chat completions with images, streaming)."""
@@ -46,7 +47,7 @@ def serve(
     from vlmcli.server.app import create_app
     from vlmcli.server.engine import Engine
 
-    pipe = load_pipeline(model, backend, max_tiles, mmproj=mmproj)
+    pipe = load_pipeline(model, backend, max_tiles, mmproj=mmproj, threads=threads)
     engine = Engine(pipe, max_batch=max_batch, max_queue=max_queue)
     app = create_app(
         pipe, engine, model_id=model, api_key=api_key, allow_local_files=allow_local_files, max_tokens_default=max_tokens_default
