@@ -99,3 +99,17 @@ def test_errors_are_one_line(capsys, llava_ckpt, tmp_path, args, code, message):
     assert out == "" and "Traceback" not in err
     if not message.startswith("error: invalid value"):  # Click's own usage errors come with a hint line
         assert len(err.strip().splitlines()) == 1
+
+
+def test_threads_reach_the_report_and_a_bad_count_is_a_usage_error():
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "vlmcli", "bench", "-m", "demo", "-b", "cpu", "--runs", "1", "--tokens", "2", "--json", "-q"]
+    proc = subprocess.run([*args, "--threads", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["machine"]["torch_threads"] == 1
+    env = {**os.environ, "VLM_THREADS": "two"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert proc.returncode == 2 and "VLM_THREADS" in proc.stderr.splitlines()[0], proc.stderr

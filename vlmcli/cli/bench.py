@@ -20,6 +20,7 @@ from rich.table import Table
 
 import vlmcli
 from vlmcli.cli import options
+from vlmcli.cli.common import set_threads
 from vlmcli.cli.console import progress_bar, show_progress, state
 from vlmcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, UsageError
 
@@ -63,8 +64,8 @@ def bench(
     from vlmcli.quantization import read_quantization
 
     state.quiet = quiet
-    if threads is not None:  # its children, one per backend, read it
-        os.environ["VLM_THREADS"] = str(threads)
+    # the children (one per backend) read VLM_THREADS; this process reports it in "machine"
+    os.environ["VLM_THREADS"] = str(set_threads(threads))
     if child:
         _child(model, backend, image, prompt, tokens, runs)
         return
