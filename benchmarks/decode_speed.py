@@ -109,6 +109,38 @@ def run_transformers(model: str, image: str, tokens: int, backend: str) -> dict:
     }
 
 
+def run_llama_cpp(model: str, image: str, tokens: int, backend: str) -> dict:
+    """llama.cpp (llama-cpp-python) on the GGUF file the SmolLM2 fixture's decoder comes from
+    (SmolLM2-135M-Instruct, Q4_1), with the same threads: the same weights and prompt text,
+    no image (its decoder speed is what is compared; TTFT is not comparable)."""
+    import llama_cpp
+
+    from tests.checkpoints import smollm2_gguf_path
+    from vlmcli.cli.common import set_threads
+
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path()), n_ctx=1024, n_threads=set_threads(), verbose=False)
+    messages = [{"role": "user", "content": PROMPT}]
+
+    def once(n):
+        stamps, ids = [], []
+        t0 = time.perf_counter()
+        for chunk in llm.create_chat_completion(messages, max_tokens=n, temperature=0.0, top_k=1, stream=True):
+            if chunk["choices"][0]["delta"].get("content"):
+                stamps.append(time.perf_counter())
+        return t0, stamps
+
+    once(2)  # warm-up
+    t0, stamps = once(tokens)
+    n_decode = len(stamps) - 1
+    return {
+        "impl": "llama.cpp Q4_1 (text only)",
+        "ttft_ms": (stamps[0] - t0) * 1000,
+        "decode_tok_s": n_decode / (stamps[-1] - stamps[0]) if n_decode > 0 else 0.0,
+        "tokens": [],
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
 def resolve_model(name: str | None, backend: str) -> str:
     """The checkpoint both sides load: a named fixture (built once), converted for int8/int4."""
     from tests.checkpoints import _default_cache_root, smollm2_llava_checkpoint
@@ -163,11 +195,13 @@ def main() -> None:
     parser.add_argument("--backend", action="append", help="repeatable; default cpu")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=["vlm", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--vs-llama-cpp", action="store_true",
+                        help="also llama.cpp on the SmolLM2 GGUF (llama-cpp-python; --model smollm2 only)")
+    parser.add_argument("--child", choices=["vlm", "transformers", "llama.cpp"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.child:
-        fn = run_vlm if args.child == "vlm" else run_transformers
+        fn = {"vlm": run_vlm, "transformers": run_transformers, "llama.cpp": run_llama_cpp}[args.child]
         print(json.dumps(fn(args.model, args.image, args.tokens, args.backend[0])))
         return
 
@@ -181,6 +215,8 @@ def main() -> None:
     plan = [("transformers", specs[0])] + [("vlm", b) for b in specs]
     if any(b == "cpu-bf16" or b.startswith(("q8", "q4")) for b in specs) and "cpu" not in specs:
         plan.append(("vlm", "cpu"))  # the fp32 tokens the others are compared with
+    if args.vs_llama_cpp:
+        plan.append(("llama.cpp", "Q4_1"))
     runs: dict[tuple[str, str], list[dict]] = {p: [] for p in plan}
     for _ in range(args.repeat):
         for which, backend in plan:
@@ -202,7 +238,7 @@ def main() -> None:
     result["vs_transformers"] = {
         r["impl"]: {"decode_ratio": r["decode_tok_s"] / ref["decode_tok_s"], "ttft_ratio": r["ttft_ms"] / ref["ttft_ms"],
                     "same_tokens": r["tokens"] == ref["tokens"],
-                    **({"vs_vlm_fp32": agreement(fp32["tokens"], r["tokens"])} if fp32 and r is not fp32 else {})}
+                    **({"vs_vlm_fp32": agreement(fp32["tokens"], r["tokens"])} if fp32 and r is not fp32 and r["tokens"] else {})}
         for r in rows[1:]
     }
     if specs == ["cpu-bf16"]:

@@ -39,6 +39,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import fields, is_dataclass
+from functools import lru_cache
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,22 @@ class ChatTemplateError(VlmError):
 
 # --------------------------------------------------------------------------------------
 # Loading helpers
+
+
+@lru_cache(maxsize=1)
+def byte_level_chars() -> dict[int, str]:
+    """GPT-2's printable character for each byte, the alphabet of byte-level BPE vocabularies
+    (`tokenizers`' ByteLevel): how a vocabulary stored as raw bytes (a tiktoken file, a GGUF's
+    tokens) is spelled for `tokenizers`."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
 
 
 def _read_json(path: Path) -> Any:

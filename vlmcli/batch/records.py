@@ -20,9 +20,9 @@ COLUMNS = ANSWER_FIELDS + ERROR_FIELDS[2:]
 TIMING_FIELDS = tuple(Timings().as_dict())
 
 
-def answer_record(row_id: str, image: str, answer, *, model: str, backend: str, prompt: str) -> dict[str, Any]:
+def describe_record(image: str, answer, *, model: str, backend: str, prompt: str) -> dict[str, Any]:
+    """What `vlm describe --json` prints for one answer (the CLI contract's fields)."""
     return {
-        "id": row_id,
         "image": image,
         "model": model,
         "backend": backend,
@@ -33,6 +33,13 @@ def answer_record(row_id: str, image: str, answer, *, model: str, backend: str, 
         "image_tokens": answer.image_tokens,
         "finish_reason": answer.finish_reason,
         "timings": answer.timings.as_dict(),
+    }
+
+
+def answer_record(row_id: str, image: str, answer, *, model: str, backend: str, prompt: str) -> dict[str, Any]:
+    return {
+        "id": row_id,
+        **describe_record(image, answer, model=model, backend=backend, prompt=prompt),
         "notes": list(answer.notes),
     }
 

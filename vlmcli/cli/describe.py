@@ -13,6 +13,7 @@ from rich.markup import escape
 
 from vlmcli import inputs
 from vlmcli.batch.fetch import ahead, read_file
+from vlmcli.batch.records import describe_record
 from vlmcli.cli import options
 from vlmcli.cli.common import load_pipeline, sampling_options, set_max_image_pixels
 from vlmcli.cli.console import err_console, notice, progress_bar, state, write_result
@@ -131,18 +132,7 @@ def describe(
             if not answer.text.strip():
                 notice(("" if total == 1 else f"{item.name}: ") + "(the model gave no text)")
             if json_lines:
-                record = {
-                    "image": item.name,
-                    "model": model,
-                    "backend": pipe.backend.name,
-                    "prompt": prompt,
-                    "text": answer.text,
-                    "tokens": answer.tokens,
-                    "prompt_tokens": answer.prompt_tokens,
-                    "image_tokens": answer.image_tokens,
-                    "finish_reason": answer.finish_reason,
-                    "timings": answer.timings.as_dict(),
-                }
+                record = describe_record(item.name, answer, model=model, backend=pipe.backend.name, prompt=prompt)
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
                 print(flush=True)

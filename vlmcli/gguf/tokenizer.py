@@ -19,6 +19,7 @@ from typing import Any
 
 from vlmcli.errors import UnsupportedModelError
 from vlmcli.gguf.reader import GGUFFile
+from vlmcli.tokenizer import byte_level_chars
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -38,20 +39,7 @@ SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAM
 SUPPORTED_MODELS = ("gpt2", "llama")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte (the alphabet of byte-level vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-_BYTE_CHARS = _bytes_to_unicode()
+_BYTE_CHARS = byte_level_chars()
 BYTE_ALPHABET = set(_BYTE_CHARS.values())
 
 

@@ -18,10 +18,10 @@ whole-piece lookup.
 from __future__ import annotations
 
 import base64
-from functools import lru_cache
 from pathlib import Path
 
 from vlmcli.errors import CheckpointError
+from vlmcli.tokenizer import byte_level_chars
 
 TIKTOKEN_FILE = "qwen.tiktoken"
 
@@ -60,20 +60,6 @@ def read_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-@lru_cache(maxsize=1)
-def _byte_chars() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, which `tokenizers`' ByteLevel uses."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
 def _merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Every split of a token into two tokens, ranked by the whole token: tiktoken merges the
     adjacent pair whose concatenation has the lowest rank, whichever split it comes from."""
@@ -92,7 +78,7 @@ def backend_from_tiktoken(path: Path):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     ranks = read_ranks(path)
-    chars = _byte_chars()
+    chars = byte_level_chars()
     to_str = lambda b: "".join(chars[x] for x in b)  # noqa: E731
     vocab = {to_str(t): r for t, r in ranks.items()}
     merges = [(to_str(a), to_str(b)) for a, b in _merges(ranks)]
