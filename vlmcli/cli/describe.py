@@ -13,7 +13,6 @@ from rich.markup import escape
 
 from vlmcli import inputs
 from vlmcli.batch.fetch import ahead, read_file
-from vlmcli.batch.records import describe_record
 from vlmcli.cli import options
 from vlmcli.cli.common import load_pipeline, sampling_options, set_max_image_pixels
 from vlmcli.cli.console import err_console, notice, progress_bar, state, write_result
@@ -132,6 +131,8 @@ def describe(
             if not answer.text.strip():
                 notice(("" if total == 1 else f"{item.name}: ") + "(the model gave no text)")
             if json_lines:
+                from vlmcli.batch.records import describe_record  # imports torch: not at `vlm --help`
+
                 record = describe_record(item.name, answer, model=model, backend=pipe.backend.name, prompt=prompt)
                 print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
