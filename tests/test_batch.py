@@ -119,6 +119,7 @@ def _kill_half_way(args: list, progress: Path) -> None:
     assert child.returncode == -signal.SIGKILL and TOTAL // 4 < lines < TOTAL, lines
 
 
+@pytest.mark.slow
 def test_killed_jsonl_run_resumes_to_the_same_rows(collection, uninterrupted, tmp_path):
     out = tmp_path / "out.jsonl"
     args = ["batch", collection[0], "-o", out, "-m", "demo", "-q"]
@@ -132,6 +133,7 @@ def test_killed_jsonl_run_resumes_to_the_same_rows(collection, uninterrupted, tm
     assert [without_timings(r) for r in read_jsonl(out)] == [without_timings(r) for r in uninterrupted]
 
 
+@pytest.mark.slow
 def test_batch_to_parquet_killed_and_resumed_has_the_rows_of_an_uninterrupted_run(collection, uninterrupted, tmp_path):
     out = tmp_path / "out.parquet"
     args = ["batch", collection[0], "-o", out, "-m", "demo", "-q"]
@@ -304,6 +306,7 @@ def _ray_processes() -> set[int]:
     return found
 
 
+@pytest.mark.slow
 def test_on_a_local_ray_two_actors_give_the_local_rows(collection, uninterrupted, tmp_path):
     before = _ray_processes()
     out = tmp_path / "out.parquet"
