@@ -1,4 +1,4 @@
-"""A row's image bytes, read ahead of the model.
+"""A row's image, read and decoded ahead of the model.
 
 Reading is what stalls a batch job (a network fetch, an object store, a cold disk), so a
 background thread reads the next few rows while the model describes this one; a bounded
@@ -73,8 +73,8 @@ def _read_uri(uri: str, max_bytes: int) -> bytes:
 
 
 def read_ahead(rows: Iterable[Row], depth: int = READ_AHEAD) -> Iterator[tuple[Row, inputs.ImageInput | ImageError]]:
-    """(row, its bytes or why not) in the order of `rows`, read by a background thread up to
-    `depth` rows ahead. Closing the iterator stops the thread."""
+    """(row, its decoded image or why not) in the order of `rows`, read by a background
+    thread up to `depth` rows ahead. Closing the iterator stops the thread."""
     return ahead(rows, fetch, depth)
 
 
