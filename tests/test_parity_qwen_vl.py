@@ -26,6 +26,7 @@ from PIL import Image
 from tests.qwen_vl_checkpoints import (
     CORPUS, PAT_STR, SPECIALS, published_tensors, sincos_reference, train_ranks, write_qwen_vl,
 )
+from vlmcli.families.qwen_vl.tokenizer import vocabulary
 
 # Chat-format ids for the prompts below; shared fixtures write each checkpoint once.
 STRINGS = [
@@ -81,10 +82,10 @@ def tiktoken_encoding():
 def test_tokenizer_matches_tiktoken(qwen_vl):
     import unicodedata
 
-    from vlmcli.tokenizer import Tokenizer
+    from vlmcli.tokenizer import Tokenizer  # with the family's vocabulary, as the pipeline loads it
 
     enc = tiktoken_encoding()
-    tok = Tokenizer.from_dir(qwen_vl)
+    tok = Tokenizer.from_dir(qwen_vl, vocabulary=vocabulary(qwen_vl))
     n = len(train_ranks())
     # ids in tokenization_qwen.py's order: ranks, then the specials
     assert [tok.token_to_id(t) for t in SPECIALS] == list(range(n, n + len(SPECIALS)))
@@ -199,7 +200,7 @@ def test_preprocessing_is_the_published_transform(qwen_vl, loaded, make_test_ima
     from vlmcli.families.qwen_vl.processor import QwenVLProcessor
     from vlmcli.tokenizer import Tokenizer
 
-    processor = QwenVLProcessor(loaded.config, qwen_vl, Tokenizer.from_dir(qwen_vl))
+    processor = QwenVLProcessor(loaded.config, qwen_vl, Tokenizer.from_dir(qwen_vl, vocabulary=vocabulary(qwen_vl)))
     image = Image.open(make_test_image(size=(64, 48), seed=3)).convert("RGB")
     prepared = processor.prepare_images([image])
     resized = image.resize((84, 84), resample=Image.BICUBIC)
@@ -268,7 +269,7 @@ def test_whole_model_logits_match_the_composed_reference(loaded, tensors, qwen_v
     from vlmcli.tokenizer import Tokenizer
 
     cfg = json.loads((qwen_vl / "config.json").read_text())
-    processor = QwenVLProcessor(loaded.config, qwen_vl, Tokenizer.from_dir(qwen_vl))
+    processor = QwenVLProcessor(loaded.config, qwen_vl, Tokenizer.from_dir(qwen_vl, vocabulary=vocabulary(qwen_vl)))
     image = Image.open(make_test_image(size=(64, 48), seed=4))
     prepared = processor.prepare_images([image])
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
@@ -298,7 +299,7 @@ def test_chat_prompt_is_make_context(qwen_vl):
     n = len(train_ranks())
     start, end, img, img_end, pad = n + 1, n + 2, n + 214, n + 215, n + 216
     cfg = parse_qwen_vl(json.loads((qwen_vl / "config.json").read_text()))
-    processor = QwenVLProcessor(cfg, qwen_vl, Tokenizer.from_dir(qwen_vl))
+    processor = QwenVLProcessor(cfg, qwen_vl, Tokenizer.from_dir(qwen_vl, vocabulary=vocabulary(qwen_vl)))
     span = [img] + [pad] * 16 + [img_end]
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare them."}]},
@@ -331,7 +332,7 @@ def test_base_model_prompt_is_the_plain_query(qwen_vl_base):
     enc = tiktoken_encoding()
     n = len(train_ranks())
     cfg = parse_qwen_vl(json.loads((qwen_vl_base / "config.json").read_text()))
-    processor = QwenVLProcessor(cfg, qwen_vl_base, Tokenizer.from_dir(qwen_vl_base))
+    processor = QwenVLProcessor(cfg, qwen_vl_base, Tokenizer.from_dir(qwen_vl_base, vocabulary=vocabulary(qwen_vl_base)))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Generate the caption in English:"}]}]
     prompt = processor.build_prompt(messages, [16], 2048)
     assert prompt.ids == enc.encode("Picture 1: ") + [n + 214] + [n + 216] * 16 + [n + 215] + enc.encode(

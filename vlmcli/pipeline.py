@@ -115,7 +115,11 @@ class Pipeline:
                 notice(line)
         loaded = load_model(folder, chosen, progress=progress)
         family = loaded.family
-        tokenizer = Tokenizer.from_dir(folder, default_chat_template=family.chat_template(loaded.config))
+        tokenizer = Tokenizer.from_dir(
+            folder,
+            default_chat_template=family.chat_template(loaded.config),
+            vocabulary=family.vocabulary(folder) if family.vocabulary else None,
+        )
         if tokenizer.template_source == "family default" and notice and not family.template_is_the_models:
             notice(f"{folder.name} has no chat template; using the {family.name} default")
         processor = family.processor(loaded.config, folder, tokenizer, notice)

@@ -446,10 +446,14 @@ class Tokenizer:
     # ---- construction
 
     @classmethod
-    def from_dir(cls, path: str | Path, default_chat_template: str | None = None) -> Tokenizer:
+    def from_dir(
+        cls, path: str | Path, default_chat_template: str | None = None, vocabulary: tuple[Any, dict] | None = None
+    ) -> Tokenizer:
         """Load the tokenizer files of a Hugging Face model folder.
 
-        ``tokenizer.json`` is required. The chat template comes from, first found:
+        ``tokenizer.json`` is required, unless the model family read its vocabulary from a
+        format of its own: ``vocabulary`` is then (a `tokenizers.Tokenizer`, the defaults of
+        the tokenizer config it implies), e.g. Qwen-VL's tiktoken file. The chat template comes from, first found:
         ``chat_template.jinja``, ``chat_templates/default.jinja``, ``chat_template.json``,
         ``tokenizer_config.json``'s ``chat_template``, then ``default_chat_template``
         (``template_source`` is then ``"family default"``).
@@ -461,11 +465,8 @@ class Tokenizer:
             raise CheckpointError(f"tokenizer folder {path} does not exist or is not a folder")
         tok_file = path / TOKENIZER_FILE
         defaults: dict[str, Any] = {}
-        if not tok_file.is_file() and (path / "qwen.tiktoken").is_file():
-            # Qwen-VL ships a tiktoken vocabulary instead, converted here once in memory
-            from vlmcli.families.qwen_vl.tokenizer import TIKTOKEN_FILE, TOKEN_NAMES, backend_from_tiktoken
-
-            backend, defaults = backend_from_tiktoken(path / TIKTOKEN_FILE), dict(TOKEN_NAMES)
+        if vocabulary is not None:
+            backend, defaults = vocabulary[0], dict(vocabulary[1])
         elif not tok_file.is_file():
             present = [n for n in ("tokenizer.model", "vocab.json", "merges.txt", "tekken.json") if (path / n).exists()]
             hint = (

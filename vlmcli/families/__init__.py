@@ -80,6 +80,10 @@ class Family:
     # the published checkpoints carry no template, their format is in the model's own code
     # (Qwen-VL): the family's template is the model's, not a fallback worth a notice
     template_is_the_models: bool = False
+    # folder -> (tokenizers.Tokenizer, tokenizer-config defaults), for a family whose
+    # checkpoints carry their vocabulary in a format of their own (Qwen-VL: tiktoken); None:
+    # tokenizer.json, read by the shared Tokenizer
+    vocabulary: "Callable[[Path], tuple[Any, dict]] | None" = None
 
     def canonical_name(self, key: str) -> str | None:
         return self.weight_name(key)

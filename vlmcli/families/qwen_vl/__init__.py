@@ -12,6 +12,7 @@ from vlmcli.families import Family
 from vlmcli.families.qwen_vl.config import QwenVLConfig, parse_qwen_vl
 from vlmcli.families.qwen_vl.model import QwenVLModel
 from vlmcli.families.qwen_vl.processor import DEFAULT_SYSTEM, FAMILY_NAME, QwenVLProcessor
+from vlmcli.families.qwen_vl.tokenizer import vocabulary
 from vlmcli.families.qwen_vl.weights import HF_SKIP_MODULES, keep_dense, weight_name
 
 # The Tokenizer interface wants a template; the processor builds ids itself (make_context
@@ -49,5 +50,6 @@ FAMILIES = (
         chat_template=lambda cfg: QWEN_VL_CHAT_TEMPLATE,
         describe=describe,
         template_is_the_models=True,  # make_context in the published code, not a file
+        vocabulary=vocabulary,
     ),
 )

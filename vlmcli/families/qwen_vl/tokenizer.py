@@ -100,3 +100,12 @@ def backend_from_tiktoken(path: Path):
 # What tokenizer_config.json leaves out for a Qwen-VL folder: <|im_end|> ends a chat turn
 # (<|endoftext|>, generation_config.json's eos, ends a text).
 TOKEN_NAMES = {"eos_token": IM_END, "pad_token": ENDOFTEXT}
+
+
+def vocabulary(folder: Path):
+    """The family's vocabulary for `Tokenizer.from_dir`: qwen.tiktoken converted once, in
+    memory, and the special-token names the published tokenizer implies."""
+    path = folder / TIKTOKEN_FILE
+    if not path.is_file():
+        raise CheckpointError(f"missing tokenizer file in {folder}: {TIKTOKEN_FILE} (Qwen-VL's vocabulary)")
+    return backend_from_tiktoken(path), dict(TOKEN_NAMES)
