@@ -62,6 +62,16 @@ class Backend(Protocol):
         it ("dense", "int8", "nf4", "fp4"); for `vlm info`."""
         ...
 
+    # Whether the loader hands this backend each block's q/k/v and gate/up as one weight
+    # (concatenated from the stored tensors) rather than layer by layer.
+    fuses_projections: bool
+
+    def tied_head(self, embedding: torch.Tensor) -> nn.Module | None:
+        """lm_head for a model whose lm_head is its embedding matrix: None to share the
+        matrix (the loader builds one plain layer the embedding reads), else a layer of its
+        own (a backend that quantizes lm_head)."""
+        ...
+
 
 class TransposedLinear(nn.Module):
     """`x @ weight.T + bias` with the weight stored transposed: (in_features, out_features),
@@ -139,8 +149,12 @@ class DenseBackend:
     device: torch.device
     dtype: torch.dtype
     attention_dtype: torch.dtype | None = None
+    fuses_projections = True  # plain weights: one product per fused group
 
     def unavailable_reason(self) -> str | None:
+        return None
+
+    def tied_head(self, embedding: torch.Tensor) -> nn.Module | None:
         return None
 
     def place(self, name: str, tensor: torch.Tensor) -> torch.Tensor:

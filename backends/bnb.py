@@ -209,6 +209,7 @@ class BnbBackend:
     format: str  # per-layer format: int8, nf4, fp4
     method: str  # int8 | int4, as in quantization_config
     double_quant = False  # int4 only: the per-block scales quantized too
+    fuses_projections = False  # bitsandbytes layers stay apart (one quantization state each)
 
     # Where remarks about the load go (one line each); the caller may set its own.
     notice: Callable[[str], None] = staticmethod(_cli_notice)
@@ -236,6 +237,9 @@ class BnbBackend:
 
     def _what(self) -> str:
         raise NotImplementedError
+
+    def tied_head(self, embedding: torch.Tensor) -> nn.Module | None:
+        return None  # lm_head stays plain and shared with the embedding (never quantized)
 
     def unavailable_reason(self) -> str | None:
         reason = bnb_unavailable_reason()

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from backends.base import Backend, DenseBackend, dense_linear, release_freed_memory
+from backends.base import Backend, dense_linear, release_freed_memory
 from vlmcli.checkpoint import WeightFiles, iter_tensors, read_config, tensor_shapes, weight_files
 from vlmcli.config import MultiModalConfig
 from vlmcli.errors import CheckpointError
@@ -204,8 +204,7 @@ def _fill(
     # each, concatenated from the stored tensors: one copy into its layout, where fusing
     # after the fact copies each weight three times (SmolLM2 LLaVA: 0.45 s of a 1.3 s load).
     # So does a quantizing backend that asks for it (fuses_projections: backends/weight_only.py).
-    fuse = isinstance(backend, DenseBackend) or getattr(backend, "fuses_projections", False)
-    groups = _fuse_groups(model) if fuse else {}
+    groups = _fuse_groups(model) if backend.fuses_projections else {}
     arrived: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
     done, total = 0, plan.n_tensors
     for key, tensor in iter_tensors(files):
@@ -214,7 +213,7 @@ def _fill(
             module_name, _, attr = name.rpartition(".")  # "" is the model itself (image_newline)
             tied = name == TIED_EMBEDDING and model.cfg.text.tie_word_embeddings
             # a backend that quantizes lm_head gives it its own quantized copy (tied_head)
-            head = backend.tied_head(tensor) if tied and hasattr(backend, "tied_head") else None
+            head = backend.tied_head(tensor) if tied else None
             if tied and head is None:
                 # lm_head is built from the stored tensor in one copy (never quantized: the
                 # embedding needs the plain matrix) and the embedding reads its rows.
