@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        common.restore_max_image_pixels()  # a command's --max-image-pixels ends with it
+        # a command's settings end with it: --max-image-pixels, and -q / --debug (which
+        # library code called later in the same process, as tests do, must not inherit)
+        common.restore_max_image_pixels()
+        state.__init__()
 
 
 def _main(argv: list[str] | None) -> int:
