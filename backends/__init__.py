@@ -1,7 +1,8 @@
 """The backend registry: `-b NAME[:OPTIONS]` -> a Backend, and what `auto` picks.
 
-    auto       a quantized checkpoint in its own format (int8 / int4); otherwise fp16 on
-               the GPU when there is one, else fp32 on the CPU
+    auto       a quantized checkpoint in its own format (int8 / int4, or q8 / q4 for one
+               `vlm convert --to q8|q4` wrote); otherwise fp16 on the GPU when there is
+               one, else fp32 on the CPU
     cpu        fp32 on the CPU              cpu-bf16   bf16 on the CPU
     cuda       fp16 on the GPU              bf16       bf16 on the GPU (alias: cuda-bf16)
     int8       bitsandbytes LLM.int8        options: threshold=T (default 6), all, device=cpu|cuda
@@ -31,6 +32,7 @@ from backends.cpu import CpuBackend, CpuBf16Backend, CpuFp16Backend
 from backends.cuda import CudaBackend, CudaBf16Backend
 from backends.weight_only import Q4Backend, Q8Backend, WeightOnlyBackend
 from backends.weight_only import from_options as weight_only_from_options
+from backends.weight_only import other_backend_refusal
 from vlmcli.errors import UsageError
 from vlmcli.quantization import Quantization
 
@@ -71,6 +73,8 @@ def build(spec: str, checkpoint: Quantization | None = None) -> Backend:
             raise UsageError("backend 'auto' takes no options")
         return _auto(checkpoint)
     if name in _BNB:
+        if checkpoint is not None and not checkpoint.bitsandbytes:
+            raise other_backend_refusal(checkpoint)
         return from_options(_BNB[name], options, checkpoint)
     if name in _WEIGHT_ONLY:
         return weight_only_from_options(_WEIGHT_ONLY[name], options, checkpoint)
@@ -90,14 +94,16 @@ def get_backend(spec: str, checkpoint: Quantization | None = None) -> Backend:
         if name == "auto":  # only a quantized checkpoint makes auto need anything
             raise UsageError(f"this checkpoint is {checkpoint.describe()}: {reason}")
         raise UsageError(f"backend '{spec}' is not available: {reason}")
-    if checkpoint is not None and not isinstance(backend, BnbBackend):
-        reason = bnb_unavailable_reason()  # dequantizing a quantized checkpoint needs it too
+    if checkpoint is not None and checkpoint.bitsandbytes and not isinstance(backend, BnbBackend):
+        reason = bnb_unavailable_reason()  # dequantizing a bitsandbytes checkpoint needs it too
         if reason:
             raise UsageError(f"this checkpoint is {checkpoint.describe()}: {reason}")
     return backend
 
 
 def _auto(checkpoint: Quantization | None) -> Backend:
+    if checkpoint is not None and not checkpoint.bitsandbytes:
+        return weight_only_from_options(_WEIGHT_ONLY[checkpoint.method], {}, checkpoint)
     if checkpoint is not None:
         return from_options(Int8Backend if checkpoint.method == "int8" else Int4Backend, {}, checkpoint)
     if torch.cuda.is_available():

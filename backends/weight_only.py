@@ -41,6 +41,12 @@ in_features divisible by the group size (32, 64, 128 or 256); the int8 kernel in
 divisible by 16 (INT8_IN_MULTIPLE: 32 is asked). int4 rows are padded with zero rows to a
 multiple of 16 (a vocabulary of 49153 rows: one padded block, the output sliced), so only
 in_features can send a layer to fp32, with one notice on stderr for the first such layer.
+
+Stored: `vlm convert --to q8|q4` writes these codes and scales as plain tensors (int8 codes;
+int4 codes two per byte, scales and offsets per row; the layout and why it is not torchao's
+are in vlmcli/quantization.py), and -b q8 / -b q4 (or auto) build the same layers from them
+without quantizing: the kernel's packing (rows padded, _convert_weight_to_int4pack_for_cpu)
+happens while loading, as it does after quantizing.
 """
 
 from __future__ import annotations
@@ -52,8 +58,8 @@ import torch
 from torch import nn
 
 from backends.base import LinearWeight, dense_linear, release_freed_memory
-from vlmcli.errors import UsageError
-from vlmcli.quantization import QuantizedWeight, quantized_by_default
+from vlmcli.errors import CheckpointError, UsageError
+from vlmcli.quantization import Quantization, QuantizedWeight, quantized_by_default
 
 COMPUTE_DTYPE = torch.bfloat16  # what both kernels take and give (see the module docstring)
 INT4_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -121,6 +127,58 @@ def q8_bytes(out_f: int, in_f: int) -> int:
 def q4_bytes(out_f: int, in_f: int, group: int) -> int:
     rows = -(-out_f // INT4_ROW_BLOCK) * INT4_ROW_BLOCK  # padded to the packer's block
     return rows * in_f // 2 + rows * (in_f // group) * 2 * 2  # codes, two per byte + bf16 scale and offset per group
+
+
+# ---- the stored form (vlm convert --to q8|q4; vlmcli/quantization.py describes it) -----------
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(out, in) codes 0..15 -> uint8 (out, in / 2): input 2j in the low nibble of byte j,
+    2j + 1 in the high one (a layout of our own, not the kernel's, which is CPU specific)."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """pack_nibbles undone: uint8 (out, in / 2) -> int32 codes (out, in)."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+def stored_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A weight (out, in) -> the tensors a q8 checkpoint stores for it."""
+    codes, scales = quantize_int8(weight)
+    return {"weight": codes, "weight_scale": scales}
+
+
+def stored_int4(weight: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
+    """A weight (out, in) -> the tensors a q4 checkpoint stores for it: the codes packed two
+    per byte, the scales and offsets one row per output (so layers stack by rows)."""
+    codes, scale_zeros = quantize_int4(weight, group)
+    return {
+        "weight": pack_nibbles(codes),
+        "weight_scale": scale_zeros[..., 0].t().contiguous(),
+        "weight_zero": scale_zeros[..., 1].t().contiguous(),
+    }
+
+
+def int4_from_stored(qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A q4 layer's stored tensors -> (codes int32 (out, in), scale_zeros (in / group, out, 2),
+    group): what quantize_int4 returns, bit for bit."""
+    scales, zeros = qw.tensors["weight_scale"], qw.tensors["weight_zero"]
+    codes = unpack_nibbles(qw.tensors["weight"])
+    scale_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    return codes, scale_zeros, codes.shape[1] // scales.shape[1]
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """A q8 / q4 layer's stored tensors -> the float32 (out, in) weight they stand for."""
+    if qw.format == "q8":
+        return qw.tensors["weight"].float() * qw.tensors["weight_scale"].float()[:, None]
+    codes, scale_zeros, group = int4_from_stored(qw)
+    scales = scale_zeros[..., 0].float().t().repeat_interleave(group, dim=1)
+    zeros = scale_zeros[..., 1].float().t().repeat_interleave(group, dim=1)
+    return (codes.float() - 8) * scales + zeros
 
 
 # ---- the layers ------------------------------------------------------------------------------
@@ -197,8 +255,14 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, group: int) -> "Int4WeightOnlyLinear":
-        out_f, in_f = weight.shape
-        codes, scale_zeros = quantize_int4(weight, group)
+        return cls.from_codes(*quantize_int4(weight, group), group, bias)
+
+    @classmethod
+    def from_codes(
+        cls, codes: torch.Tensor, scale_zeros: torch.Tensor, group: int, bias: torch.Tensor | None
+    ) -> "Int4WeightOnlyLinear":
+        """The layer of quantize_int4's codes (out, in) and scale_zeros, packed for the kernel."""
+        out_f, in_f = codes.shape
         pad = -out_f % INT4_ROW_BLOCK
         if pad:  # zero rows: code 8, scale and offset 0, so they compute 0 and are sliced off
             codes = torch.cat([codes, torch.full((pad, in_f), 8, dtype=codes.dtype)])
@@ -229,15 +293,20 @@ class WeightOnlyBackend:
 
     notice: Callable[[str], None] = staticmethod(_notice)
 
-    def __init__(self, *, quantize_all: bool = False, quantize_head: bool = False):
+    def __init__(self, *, quantize_all: bool = False, quantize_head: bool = False, prequantized: bool = False):
         self.quantize_all = quantize_all
         self.quantize_head = quantize_head or quantize_all
+        # the checkpoint is in this format (vlm convert): its quantized layers arrive as codes,
+        # the others stay fp32; only a tied lm_head (stored once, as the embedding) is
+        # quantized here, when the checkpoint says so (quantize_head)
+        self.prequantized = prequantized
         self.kept_dense: list[str] = []  # layers the kernel cannot take (int4: in_features)
 
     @property
     def description(self) -> str:
         extra = ", everything quantized" if self.quantize_all else ", lm_head quantized" if self.quantize_head else ""
-        return f"{self._what()} weight-only on the CPU (PyTorch kernels{extra})"
+        stored = ", prequantized" if self.prequantized else ""
+        return f"{self._what()} weight-only on the CPU (PyTorch kernels{extra}{stored})"
 
     def _what(self) -> str:
         raise NotImplementedError
@@ -248,6 +317,8 @@ class WeightOnlyBackend:
     def quantizes(self, name: str, keep_dense: bool | None = None) -> bool:
         """Whether layer `name` is quantized. keep_dense: the family's word on it (None: the
         three-stage default). A fused q/k/v or gate/up comes with its parts' word."""
+        if self.prequantized:
+            return False  # what the checkpoint stores unquantized stays so
         if self.quantize_all:
             return True
         if name == "decoder.lm_head":
@@ -260,16 +331,29 @@ class WeightOnlyBackend:
     def make_linear(
         self, name: str, weight: LinearWeight, bias: torch.Tensor | None, keep_dense: bool | None = None
     ) -> nn.Module:
-        if isinstance(weight, QuantizedWeight):  # a bitsandbytes checkpoint: requantized here
-            from backends.bnb import dequantize
-
-            weight = dequantize(weight)
         bias = None if bias is None else self.place(name, bias)
-        if not self.quantizes(name, keep_dense) or not self._fits(name, *weight.shape):
+        if isinstance(weight, QuantizedWeight) and weight.format == self.name:
+            return self._from_stored(weight, bias)
+        if isinstance(weight, QuantizedWeight):  # another format's checkpoint: requantized here
+            weight = _dequantize_other(weight)
+        if not self.will_quantize(name, *weight.shape, keep_dense=keep_dense):
             return dense_linear(weight, bias, self.device, self.dtype)
         layer = self._quantize(weight, bias)
         release_freed_memory()  # the layer's fp32 temporaries (see release_freed_memory)
         return layer
+
+    def will_quantize(self, name: str, out_f: int, in_f: int, keep_dense: bool | None = None) -> bool:
+        """Whether a full-precision layer `name` (out_f x in_f) is quantized: the policy, then
+        the kernel's shapes (a notice for the first that does not fit). `vlm convert` asks
+        the same, so a q8 / q4 checkpoint quantizes exactly the layers a load would."""
+        return self.quantizes(name, keep_dense) and self._fits(name, out_f, in_f)
+
+    def stored_tensors(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint in this format stores for `weight` (`vlm convert`)."""
+        raise NotImplementedError
+
+    def _from_stored(self, weight: QuantizedWeight, bias: torch.Tensor | None) -> nn.Module:
+        raise NotImplementedError
 
     def tied_head(self, embedding: torch.Tensor) -> nn.Module | None:
         """lm_head of a model whose lm_head is its embedding matrix: None (the loader shares
@@ -304,9 +388,18 @@ class WeightOnlyBackend:
         raise NotImplementedError
 
     def linear_bytes(self, name: str, out_features: int, in_features: int, stored: str = "dense") -> int:
-        if self.quantizes(name) and self._kernel_takes(out_features, in_features):
+        if stored == self.name or (self.quantizes(name) and self._kernel_takes(out_features, in_features)):
             return self._bytes(out_features, in_features)
         return out_features * in_features * self.dtype.itemsize
+
+
+def _dequantize_other(weight: QuantizedWeight) -> torch.Tensor:
+    """A layer a checkpoint stores in another quantized format, as float32."""
+    if weight.format in ("q8", "q4"):
+        return dequantize(weight)
+    from backends.bnb import dequantize as bnb_dequantize  # imports bitsandbytes: only for its checkpoints
+
+    return bnb_dequantize(weight)
 
 
 class Q8Backend(WeightOnlyBackend):
@@ -323,6 +416,12 @@ class Q8Backend(WeightOnlyBackend):
 
     def _bytes(self, out_f: int, in_f: int) -> int:
         return q8_bytes(out_f, in_f)
+
+    def stored_tensors(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return stored_int8(weight)
+
+    def _from_stored(self, weight: QuantizedWeight, bias: torch.Tensor | None) -> nn.Module:
+        return Int8WeightOnlyLinear(weight.tensors["weight"], weight.tensors["weight_scale"], bias)
 
 
 class Q4Backend(WeightOnlyBackend):
@@ -346,10 +445,25 @@ class Q4Backend(WeightOnlyBackend):
     def _bytes(self, out_f: int, in_f: int) -> int:
         return q4_bytes(out_f, in_f, self.group)
 
+    def stored_tensors(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        return stored_int4(weight, self.group)
 
-def from_options(cls: type[WeightOnlyBackend], options: dict[str, str | None], checkpoint: Any = None) -> WeightOnlyBackend:
-    """`-b q8:lm_head`, `-b q4:group=32,all` -> a backend. A bitsandbytes checkpoint is
-    dequantized layer by layer and quantized again (that needs bitsandbytes)."""
+    def _from_stored(self, weight: QuantizedWeight, bias: torch.Tensor | None) -> nn.Module:
+        codes, scale_zeros, group = int4_from_stored(weight)
+        if group != self.group:
+            raise CheckpointError(
+                f"layer '{weight.name}' is stored in groups of {group}, config.json says {self.group}"
+            )
+        return Int4WeightOnlyLinear.from_codes(codes, scale_zeros, group, bias)
+
+
+def from_options(
+    cls: type[WeightOnlyBackend], options: dict[str, str | None], checkpoint: Quantization | None = None
+) -> WeightOnlyBackend:
+    """`-b q8:lm_head`, `-b q4:group=32,all` -> a backend. A checkpoint in this format (vlm
+    convert --to q8|q4) loads its codes as they are, with the options it was written with; a
+    bitsandbytes checkpoint is dequantized layer by layer and quantized again (that needs
+    bitsandbytes)."""
     allowed = {"all", "lm_head"} | ({"group"} if cls is Q4Backend else set())
     kwargs: dict[str, Any] = {}
     for key, value in options.items():
@@ -366,4 +480,33 @@ def from_options(cls: type[WeightOnlyBackend], options: dict[str, str | None], c
             raise UsageError(f"group must be a whole number, not '{options['group']}'") from None
     kwargs["quantize_all"] = "all" in options
     kwargs["quantize_head"] = "lm_head" in options
+    if checkpoint is not None and not checkpoint.bitsandbytes:
+        kwargs = _checkpoint_kwargs(cls, options, kwargs, checkpoint)
     return cls(**kwargs)
+
+
+def other_backend_refusal(checkpoint: Quantization) -> UsageError:
+    """What a quantizing backend of another format (q4 for q8, int8, int4) says to a q8 / q4 checkpoint."""
+    return UsageError(
+        f"this checkpoint is quantized to {checkpoint.format} (vlm's weight-only format): load it with "
+        f"-b {checkpoint.format} (or auto), or with -b cpu to dequantize it"
+    )
+
+
+def _checkpoint_kwargs(
+    cls: type[WeightOnlyBackend], options: dict[str, str | None], kwargs: dict[str, Any], checkpoint: Quantization
+) -> dict[str, Any]:
+    """A q8 / q4 checkpoint's own settings, and a refusal for options that contradict them."""
+    if checkpoint.method != cls.name:
+        raise other_backend_refusal(checkpoint)
+    for flag in ("all", "lm_head"):
+        if flag in options:
+            raise UsageError(f"option '{flag}' quantizes while loading; this checkpoint is already quantized")
+    if cls is Q4Backend:
+        if "group" in kwargs and kwargs["group"] != checkpoint.group:
+            raise UsageError(
+                f"this checkpoint is q4 in groups of {checkpoint.group}, not {kwargs['group']}: "
+                f"load it with -b q4 (its own group size)"
+            )
+        kwargs["group"] = checkpoint.group
+    return {**kwargs, "quantize_head": checkpoint.quantize_head, "prequantized": True}

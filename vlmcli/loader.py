@@ -5,7 +5,9 @@ Nothing is allocated before the checkpoint's headers have been checked against t
 bitsandbytes format), and each tensor is converted or quantized as it streams out of the
 file, so peak memory stays near the final model size plus one layer rather than a
 full-precision copy of the model. A layer a bitsandbytes checkpoint stores quantized reaches
-the backend as a QuantizedWeight (packed codes and their quantization state).
+the backend as a QuantizedWeight (packed codes and their quantization state); so does one in
+vlm's weight-only format (q8 / q4), but only for the backend of that format: any other gets
+it dequantized here, once (plain arithmetic on its codes and scales, no bitsandbytes).
 """
 
 from __future__ import annotations
@@ -17,13 +19,20 @@ from typing import Callable
 import torch
 from torch import nn
 
-from backends.base import Backend, dense_linear, release_freed_memory
+from backends.base import Backend, LinearWeight, dense_linear, release_freed_memory
 from vlmcli.checkpoint import WeightFiles, iter_tensors, read_config, tensor_shapes, weight_files
 from vlmcli.config import MultiModalConfig
 from vlmcli.errors import CheckpointError
 from vlmcli.families import Family, parse_config
 from vlmcli.model.multimodal import VisionLanguageModel
-from vlmcli.quantization import FLOAT_DTYPES, LINEAR_PARTS, QuantizedWeight, layer_format
+from vlmcli.quantization import (
+    FLOAT_DTYPES,
+    LINEAR_PARTS,
+    WEIGHT_ONLY_FORMATS,
+    QuantizedWeight,
+    concat_rows,
+    layer_format,
+)
 
 ProgressFn = Callable[[int, int], None]  # (tensors done, tensors total)
 TIED_EMBEDDING = "decoder.embed_tokens.weight"  # lm_head's weight too, when the config ties them
@@ -82,7 +91,7 @@ class LinearPlan:
 
     shape: tuple[int, int]  # (out_features, in_features)
     keys: dict[str, str]  # part ("weight", "bias", "SCB", "weight.absmax", ...) -> checkpoint key
-    format: str  # "dense" | "int8" | "nf4" | "fp4"
+    format: str  # "dense" | "int8" | "nf4" | "fp4" | "q8" | "q4"
 
 
 @dataclass
@@ -203,9 +212,10 @@ def _fill(
     # A backend that keeps every weight plain gets q/k/v and gate/up as one fused weight
     # each, concatenated from the stored tensors: one copy into its layout, where fusing
     # after the fact copies each weight three times (SmolLM2 LLaVA: 0.45 s of a 1.3 s load).
-    # So does a quantizing backend that asks for it (fuses_projections: backends/weight_only.py).
+    # So does a quantizing backend that asks for it (fuses_projections: backends/weight_only.py),
+    # also from a checkpoint in its own format: the stored codes of the parts stacked by rows.
     groups = _fuse_groups(model) if backend.fuses_projections else {}
-    arrived: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = {}
+    arrived: dict[str, dict[str, tuple[LinearWeight, torch.Tensor | None]]] = {}
     done, total = 0, plan.n_tensors
     for key, tensor in iter_tensors(files):
         if key in plan.params:
@@ -231,15 +241,16 @@ def _fill(
             if len(got) == len(lp.keys):
                 del pending[module_name]
                 bias = got.pop("bias", None)
-                if lp.format == "dense" and module_name in groups:
+                weight = got["weight"] if lp.format == "dense" else QuantizedWeight(lp.format, lp.shape, got, module_name)
+                weight = _as_backend_reads(weight, backend)
+                if module_name in groups and _stackable(weight):
                     group = groups[module_name]
                     parts = arrived.setdefault(group.name, {})
-                    parts[module_name] = (got["weight"], bias)
-                    if len(parts) == len(group.parts):
+                    parts[module_name] = (weight, bias)
+                    if len(parts) == len(group.parts) and len({_kind(w) for w, _ in parts.values()}) == 1:
                         del arrived[group.name]
                         group.fuse(backend, [parts[m] for m in group.parts], family.keep_dense(group.parts[0]))
                 else:
-                    weight = got["weight"] if lp.format == "dense" else QuantizedWeight(lp.format, lp.shape, got, module_name)
                     layer = backend.make_linear(module_name, weight, bias, keep_dense=family.keep_dense(module_name))
                     _replace_module(model, module_name, layer)
         else:
@@ -247,13 +258,36 @@ def _fill(
         done += 1
         if progress:
             progress(done, total)
-    for parts in arrived.values():  # a group some of whose parts are quantized in the checkpoint
+    # a group some of whose parts are quantized in the checkpoint (bitsandbytes), or stored
+    # in different forms: its parts one by one
+    for parts in arrived.values():
         for module_name, (weight, bias) in parts.items():
             layer = backend.make_linear(module_name, weight, bias, keep_dense=family.keep_dense(module_name))
             _replace_module(model, module_name, layer)
     if groups and backend.device.type == "cpu":
         release_freed_memory()  # the concatenations' memory (see release_freed_memory)
     return plan.unused
+
+
+def _as_backend_reads(weight: LinearWeight, backend: Backend) -> LinearWeight:
+    """A layer stored in vlm's weight-only format goes as it is only to the backend of that
+    format (q8, q4: `name` is the format); any other gets its float32 weight, dequantized
+    here once (the backend then converts it as it would a full-precision one)."""
+    if isinstance(weight, QuantizedWeight) and weight.format in WEIGHT_ONLY_FORMATS and weight.format != backend.name:
+        from backends.weight_only import dequantize
+
+        return dequantize(weight)
+    return weight
+
+
+def _stackable(weight: LinearWeight) -> bool:
+    """Whether a layer can join its fused group: a plain weight, or weight-only codes (one row
+    per output). bitsandbytes' 4-bit weights are packed across rows, so never."""
+    return not isinstance(weight, QuantizedWeight) or weight.format in WEIGHT_ONLY_FORMATS
+
+
+def _kind(weight: LinearWeight) -> str:
+    return weight.format if isinstance(weight, QuantizedWeight) else "dense"
 
 
 @dataclass
@@ -265,10 +299,15 @@ class FuseGroup:
     install: Callable[[nn.Module], None]  # the block's fuse_qkv / fuse_gate_up
 
     def fuse(
-        self, backend: Backend, tensors: list[tuple[torch.Tensor, torch.Tensor | None]], keep_dense: bool | None = True
+        self, backend: Backend, tensors: list[tuple[LinearWeight, torch.Tensor | None]], keep_dense: bool | None = True
     ) -> None:
-        """keep_dense: the parts' word (one family rule covers a block's projections)."""
-        weight = torch.cat([w for w, _ in tensors])
+        """keep_dense: the parts' word (one family rule covers a block's projections). The
+        parts are all plain weights or all in one weight-only format."""
+        weights = [w for w, _ in tensors]
+        if isinstance(weights[0], QuantizedWeight):
+            weight = concat_rows(weights, self.name)
+        else:
+            weight = torch.cat(weights)
         bias = None if tensors[0][1] is None else torch.cat([b for _, b in tensors])
         self.install(backend.make_linear(self.name, weight, bias, keep_dense=keep_dense))
 
