@@ -252,7 +252,7 @@ def test_refused_outputs(capsys, llava_ckpt, tmp_path, output, force, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--to", "int3"], "error: unknown --to 'int3' (choose from: int8, nf4, fp4, fp16, bf16)\n"),
+        (["--to", "int3"], "error: unknown --to 'int3' (choose from: int8, nf4, fp4, q8, q4, fp16, bf16)\n"),
         (["--to", "nf4", "--max-shard-size", "lots"], "error: 'lots' is not a size (examples: 500MB, 5GB, 2GiB)\n"),
     ],
 )

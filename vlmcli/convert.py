@@ -1,8 +1,13 @@
-"""`vlm convert`: rewrite a checkpoint as int8 / nf4 / fp4 (bitsandbytes) or fp16 / bf16.
+"""`vlm convert`: rewrite a checkpoint as int8 / nf4 / fp4 (bitsandbytes), q8 / q4 (vlm's
+weight-only format, for the fast CPU backends) or fp16 / bf16.
 
-The output is what transformers' `save_pretrained` writes for a bitsandbytes-quantized
-model (see vlmcli/quantization.py for the tensor names and `quantization_config`), so
-transformers loads it as such, and `vlm` loads it without quantizing again.
+A bitsandbytes output is what transformers' `save_pretrained` writes for a
+bitsandbytes-quantized model (see vlmcli/quantization.py for the tensor names and
+`quantization_config`), so transformers loads it as such, and `vlm` loads it without
+quantizing again. A q8 / q4 output holds the codes and scales the q8 / q4 backends would
+compute while loading the source with the same options (the layers chosen by the backend's
+own rule, backends/weight_only.py), so `-b q8` / `-b q4` on it builds the very same layers;
+transformers does not read that format.
 
     source tensors, streamed one at a time
       -> Linear layers of the decoder: quantized (or cast); everything else: cast or kept
@@ -18,6 +23,7 @@ Memory holds one layer at a time (plus bitsandbytes' working copy of it), not th
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import os
@@ -31,18 +37,22 @@ from typing import Callable
 import torch
 
 from backends import bnb  # not bitsandbytes itself: that is imported when first used
+from backends import weight_only
 from vlmcli import __version__, checkpoint
 from vlmcli.errors import UsageError, VlmError
 from vlmcli.families import Family, parse_config
-from vlmcli.loader import LoadPlan, build_on_meta, plan_load
+from vlmcli.loader import LinearPlan, LoadPlan, build_on_meta, plan_load
 from vlmcli.quantization import (
     HF_LM_HEAD,
+    WEIGHT_ONLY_FORMATS,
     Quantization,
     QuantizedWeight,
     read_quantization,
 )
 
-TARGETS = ("int8", "nf4", "fp4", "fp16", "bf16")
+BNB_TARGETS = ("int8", "nf4", "fp4")
+WEIGHT_ONLY_TARGETS = WEIGHT_ONLY_FORMATS  # q8, q4
+TARGETS = (*BNB_TARGETS, *WEIGHT_ONLY_TARGETS, "fp16", "bf16")
 PROVENANCE_NAME = "vlm_provenance.json"
 DEFAULT_MAX_SHARD = "5GB"
 
@@ -62,6 +72,8 @@ class ConvertOptions:
     double_quant: bool = False  # nf4 / fp4: quantize the per-block scales too
     threshold: float = 6.0  # int8: LLM.int8 outlier threshold, recorded in the config
     quantize_all: bool = False  # also the vision tower, projector and lm_head
+    quantize_head: bool = False  # q8 / q4: lm_head too, the vision tower and projector not
+    group: int | None = None  # q4: inputs per scale and offset (None: the q4 backend's default)
     max_shard_bytes: int = 5 * 10**9
     force: bool = False  # replace an existing OUTPUT
     verify: bool = True  # load the written model and run it once before it is moved into place
@@ -75,6 +87,7 @@ class ConvertResult:
     quantized_layers: int
     unquantized_layers: int
     verified_with: str | None = None  # the backend the output was loaded and run with
+    group: int | None = None  # q4: the group size written
 
 
 def convert(
@@ -94,8 +107,10 @@ def convert(
     if local.is_dir():
         _refuse_same(local, output)
     _refuse_existing(output, opts.force)
-    quantized_target = opts.to in ("int8", "nf4", "fp4")
-    if quantized_target and (reason := bnb.bnb_unavailable_reason()):
+    _weight_only_backend(opts)  # refuses --group / --quantize-head where they do not belong
+    if opts.to == "q4" and opts.group is None:  # recorded as used (provenance)
+        opts = dataclasses.replace(opts, group=weight_only.DEFAULT_GROUP)
+    if opts.to in BNB_TARGETS and (reason := bnb.bnb_unavailable_reason()):
         raise UsageError(f"converting to {opts.to} needs bitsandbytes: {reason}")
 
     folder = checkpoint.resolve(source, progress=download_progress, mmproj=mmproj)
@@ -103,7 +118,7 @@ def convert(
     raw = checkpoint.read_config(folder)
     family, cfg = parse_config(raw)
     source_quant = read_quantization(raw)
-    if source_quant is not None and (reason := bnb.bnb_unavailable_reason()):
+    if source_quant is not None and source_quant.bitsandbytes and (reason := bnb.bnb_unavailable_reason()):
         raise UsageError(f"the source is {source_quant.describe()}; reading it needs {reason}")
     # Plan over every block of the vision tower, not only those a LLaVA runs: the output
     # must hold (and quantize alike) everything transformers will look for.
@@ -126,15 +141,16 @@ def convert(
             raise VlmError(f"could not write {output}: {e.strerror or e}") from None
         raise
     result.output = output
+    result.group = opts.group if opts.to == "q4" else None
     return result
 
 
 def verify(folder: Path, output: Path) -> str:
     """Load the model just written to `folder` as `vlm describe` would (the loader, with the
-    backend its format runs on: int8 / int4 for a bitsandbytes checkpoint, fp32 on the CPU
-    for the others) and run it once (a prefill of two token ids, then one decode step). A
-    failure is a one-line VlmError naming the step; `output` is what the message calls the
-    result. Returns the backend's name."""
+    backend its format runs on: int8 / int4 for a bitsandbytes checkpoint, q8 / q4 for a
+    weight-only one, fp32 on the CPU for the others) and run it once (a prefill of two token
+    ids, then one decode step). A failure is a one-line VlmError naming the step; `output` is
+    what the message calls the result. Returns the backend's name."""
     import gc
 
     import backends
@@ -215,8 +231,9 @@ def _write(
     opts: ConvertOptions,
     progress: ProgressFn | None,
 ) -> ConvertResult:
-    quantized_target = opts.to in ("int8", "nf4", "fp4")
+    quantized_target = opts.to in BNB_TARGETS
     float_dtype = _FLOAT_TARGETS.get(opts.to) or _storage_dtype(files, plan)
+    weight_only_target = _weight_only_backend(opts)
 
     def quantizes(module: str) -> bool:
         return quantized_target and (opts.quantize_all or not family.keep_dense(module))
@@ -244,18 +261,21 @@ def _write(
                 if bias is not None:
                     writer.add(lp.keys["bias"], cast(bias))
                 nested = "weight.nested_absmax" in got
-                if quantizes(module) and lp.format == opts.to and (opts.to == "int8" or nested == opts.double_quant):
-                    tensors = got  # already in the asked format: copied, not quantized twice
+                if weight_only_target is not None:
+                    tensors, quantized = _weight_only_layer(module, lp, got, weight_only_target, family, cast)
+                elif quantizes(module) and lp.format == opts.to and (opts.to == "int8" or nested == opts.double_quant):
+                    tensors, quantized = got, True  # already in the asked format: copied, not quantized twice
                 else:
-                    weight = got["weight"] if lp.format == "dense" else bnb.dequantize(QuantizedWeight(lp.format, lp.shape, got, module))
-                    if quantizes(module):
+                    weight = _float_weight(module, lp, got)
+                    quantized = quantizes(module)
+                    if quantized:
                         source_dtype = got["weight"].dtype if lp.format == "dense" else float_dtype
                         tensors = bnb.quantize(weight.to(source_dtype), opts.to, opts.double_quant).tensors
                     else:
                         tensors = {"weight": cast(weight)}
                 for part_name, value in tensors.items():
                     writer.add(f"{prefix}.{part_name}", value)
-                if quantizes(module):
+                if quantized:
                     n_quantized += 1
                 else:
                     n_kept += 1
@@ -266,8 +286,8 @@ def _write(
     config = {k: v for k, v in raw.items() if k != "quantization_config"}
     dtype_name = str(float_dtype).removeprefix("torch.")
     _set_dtype(config, dtype_name)
-    if quantized_target:
-        config["quantization_config"] = _quantization(opts, dtype_name, tied, family).to_config()
+    if quantized_target or weight_only_target is not None:
+        config["quantization_config"] = _quantization(opts, dtype_name, tied, family, weight_only_target).to_config()
     checkpoint.write_json(out / "config.json", config)
     copied = _copy_side_files(folder, out)
     checkpoint.write_json(out / PROVENANCE_NAME, _provenance(folder, source_ref, source_quant, opts))
@@ -275,12 +295,66 @@ def _write(
     return ConvertResult(out, names, writer.total_size, n_quantized, n_kept)
 
 
-def _quantization(opts: ConvertOptions, dtype_name: str, tied: bool, family: Family) -> Quantization:
+def _weight_only_backend(opts: ConvertOptions) -> weight_only.WeightOnlyBackend | None:
+    """The q8 / q4 backend whose rule and quantizer the output follows (None for the other
+    targets); UsageError for options of the wrong target or a group the kernel lacks."""
+    if opts.group is not None and opts.to != "q4":
+        raise UsageError("--group goes with --to q4")
+    if opts.quantize_head and opts.to not in WEIGHT_ONLY_TARGETS:
+        raise UsageError("--quantize-head goes with --to q8 or q4 (with bitsandbytes formats, use --quantize-all)")
+    if opts.to == "q8":
+        return weight_only.Q8Backend(quantize_all=opts.quantize_all, quantize_head=opts.quantize_head)
+    if opts.to == "q4":
+        group = weight_only.DEFAULT_GROUP if opts.group is None else opts.group
+        return weight_only.Q4Backend(group=group, quantize_all=opts.quantize_all, quantize_head=opts.quantize_head)
+    return None
+
+
+def _float_weight(module: str, lp: LinearPlan, got: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A source layer's weight in full precision: as stored, or dequantized."""
+    if lp.format == "dense":
+        return got["weight"]
+    stored = QuantizedWeight(lp.format, lp.shape, got, module)
+    return weight_only.dequantize(stored) if lp.format in WEIGHT_ONLY_FORMATS else bnb.dequantize(stored)
+
+
+def _weight_only_layer(
+    module: str,
+    lp: LinearPlan,
+    got: dict[str, torch.Tensor],
+    backend: weight_only.WeightOnlyBackend,
+    family: Family,
+    cast: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors to write for layer `module`, whether quantized), as the q8 / q4 backend would
+    build the layer while loading the source: the same layers chosen, the same codes."""
+    if not backend.will_quantize(module, *lp.shape, keep_dense=family.keep_dense(module)):
+        return {"weight": cast(_float_weight(module, lp, got))}, False
+    if lp.format == backend.name and _same_group(lp, got, backend):
+        return got, True  # already in this format: copied, not quantized twice
+    return backend.stored_tensors(_float_weight(module, lp, got)), True
+
+
+def _same_group(lp: LinearPlan, got: dict[str, torch.Tensor], backend: weight_only.WeightOnlyBackend) -> bool:
+    if lp.format != "q4":
+        return True
+    return lp.shape[1] // got["weight_scale"].shape[1] == backend.group
+
+
+def _quantization(
+    opts: ConvertOptions, dtype_name: str, tied: bool, family: Family,
+    weight_only_target: weight_only.WeightOnlyBackend | None = None,
+) -> Quantization:
     skip: list[str] = []
     if not opts.quantize_all:
         skip += list(family.hf_skip_modules)
-    if not opts.quantize_all or tied:  # a tied lm_head shares the (unquantized) embeddings
+    head = weight_only_target.quantize_head if weight_only_target is not None else opts.quantize_all
+    # a tied lm_head shares the (unquantized) embeddings; q8 / q4 quantize it while loading
+    if not head or tied:
         skip.append(HF_LM_HEAD)
+    if weight_only_target is not None:
+        group = weight_only_target.group if isinstance(weight_only_target, weight_only.Q4Backend) else None
+        return Quantization(opts.to, skip_modules=tuple(skip), group=group, quantize_head=head)
     if opts.to == "int8":
         return Quantization("int8", threshold=opts.threshold, compute_dtype=dtype_name, skip_modules=tuple(skip))
     return Quantization(
@@ -338,6 +412,8 @@ def _provenance(folder: Path, source_ref: str, source_quant: Quantization | None
             "double_quant": opts.double_quant,
             "threshold": opts.threshold,
             "quantize_all": opts.quantize_all,
+            "quantize_head": opts.quantize_head,
+            "group": opts.group,
             "max_shard_bytes": opts.max_shard_bytes,
         },
     }

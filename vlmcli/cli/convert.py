@@ -31,7 +31,8 @@ def convert(
         typer.Option(
             "--to",
             metavar="FORMAT",
-            help="int8 (LLM.int8), nf4 or fp4 (4-bit): bitsandbytes as transformers saves it; fp16 or bf16: plain 16-bit.",
+            help="int8 (LLM.int8), nf4 or fp4 (4-bit): bitsandbytes as transformers saves it; q8 or q4: "
+            "vlm's weight-only int8 / int4 for the fast CPU backends (-b q8 / -b q4); fp16 or bf16: plain 16-bit.",
             show_default=False,
         ),
     ],
@@ -57,6 +58,14 @@ def convert(
     quantize_all: Annotated[
         bool, typer.Option("--quantize-all", help="Also quantize the vision tower, projector and lm_head.")
     ] = False,
+    quantize_head: Annotated[
+        bool,
+        typer.Option("--quantize-head", help="q8/q4: also quantize lm_head (a small model's largest layer), as -b q8:lm_head does."),
+    ] = False,
+    group: Annotated[
+        Optional[int],
+        typer.Option("--group", metavar="N", help="q4: weights per scale and offset, 32 (default), 64, 128 or 256."),
+    ] = None,
     max_shard_size: Annotated[
         str, typer.Option("--max-shard-size", metavar="SIZE", help="Split the weights into files of at most this size.")
     ] = DEFAULT_MAX_SHARD,
@@ -70,7 +79,7 @@ def convert(
     ] = False,
     quiet: options.Quiet = False,
 ) -> None:
-    """Convert a model to int8, nf4, fp4 (bitsandbytes) or fp16 / bf16."""
+    """Convert a model to int8, nf4, fp4 (bitsandbytes), q8, q4 (weight-only, for the CPU) or fp16 / bf16."""
     from vlmcli import convert as library
     from vlmcli.checkpoint import parse_size
     from vlmcli.info import human_bytes
@@ -87,6 +96,8 @@ def convert(
         double_quant=double_quant,
         threshold=threshold,
         quantize_all=quantize_all,
+        quantize_head=quantize_head,
+        group=group,
         max_shard_bytes=parse_size(max_shard_size),
         force=force,
         verify=not no_verify,
@@ -96,8 +107,9 @@ def convert(
     if result.verified_with:
         notice(f"verified: {output} loads with -b {result.verified_with} and runs")
     weights = [f for f in result.files if f.endswith(".safetensors")]
+    fmt = f"{opts.to}, groups of {result.group}" if result.group else opts.to
     print(
-        f"wrote {result.output} ({opts.to}): {result.quantized_layers} layers quantized, "
+        f"wrote {result.output} ({fmt}): {result.quantized_layers} layers quantized, "
         f"{result.unquantized_layers} kept, {human_bytes(result.bytes_written)} in {len(weights)} "
         f"file{'s' if len(weights) != 1 else ''}"
     )
