@@ -76,7 +76,7 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def _median(values: list[float]) -> float | None:
+def median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
 
@@ -131,7 +131,7 @@ def run_bench(
         "dtype": str(pipe.backend.dtype).removeprefix("torch."),
         "ok": True,
         "load_s": round(load_s, 3),
-        **{name: _median(values) for name, values in stages.items()},
+        **{name: median(values) for name, values in stages.items()},
         # greedy decoding: every run produces the same tokens, so the last run speaks for all
         "tokens": len(answer.tokens),
         "finish_reason": answer.finish_reason,

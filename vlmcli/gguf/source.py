@@ -248,13 +248,17 @@ class GGUFWeights:
         return counts
 
 
+def gguf_files(folder: Path) -> tuple[Path, Path | None]:
+    """The model and mmproj files a folder made by present() stands for."""
+    files = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    return Path(files["model"]), Path(files["mmproj"]) if files.get("mmproj") else None
+
+
 def weights_of(folder: Path) -> GGUFWeights:
     """The GGUFWeights of a folder made by present()."""
-    files = json.loads((folder / MARKER).read_text(encoding="utf-8"))
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    model = open_gguf(Path(files["model"]))
-    proj = open_gguf(Path(files["mmproj"])) if files.get("mmproj") else None
-    return GGUFWeights(model, proj, config)
+    model, mmproj = gguf_files(folder)
+    return GGUFWeights(open_gguf(model), open_gguf(mmproj) if mmproj else None, config)
 
 
 def is_presented(folder: Path) -> bool:
